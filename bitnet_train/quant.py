@@ -1,0 +1,81 @@
+"""BitNet b1.58 quantization: the one place the ternary and int8 maths live.
+
+Training, export and the kernels' references all call these functions, so the codes a kernel
+reads are bit-identical to the ones the training forward used.
+
+Weights, per tensor (absmean):  s = 1 / mean|W|,   W_q = clamp(round(W * s), -1, 1) / s
+Activations, per token (absmax): s = 127 / max|x|, x_q = clamp(round(x * s), -128, 127) / s
+
+torch.round rounds half to even, as bitnet.cpp's activation quantizer does; every kernel must
+round the same way. The maths runs in float32 whatever the training dtype, so a bf16 run and
+the fp32 exporter see the same codes.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EPS = 1e-5
+INT8_MIN, INT8_MAX = -128, 127
+
+
+def weight_scale(w: torch.Tensor) -> torch.Tensor:
+    """The absmean multiplier s = 1 / mean|W| (a 0-dim float32 tensor)."""
+    return 1.0 / w.float().abs().mean().clamp(min=EPS)
+
+
+def ternarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary codes in {-1, 0, 1} (float32) and the scale s, with W_q = codes / s."""
+    s = weight_scale(w)
+    return (w.float() * s).round().clamp(-1, 1), s
+
+
+def quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    """Fake-quantized weight: ternary values times one per-tensor scale."""
+    codes, s = ternarize(w)
+    return (codes / s).to(w.dtype)
+
+
+def activation_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-token absmax multiplier s = 127 / max|x| over the last dim (float32, keepdim)."""
+    return 127.0 / x.float().abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8-valued activations (as float32) and their per-token scale, with x_q = q / s."""
+    s = activation_scale(x)
+    return (x.float() * s).round().clamp(INT8_MIN, INT8_MAX), s
+
+
+def quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """Fake-quantized activation: per-token int8 values times one scale per token."""
+    q, s = quantize_int8(x)
+    return (q / s).to(x.dtype)
+
+
+def straight_through(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """Forward xq, backward identity: gradients reach the latent full-precision tensor."""
+    return x + (xq - x).detach()
+
+
+class BitLinear(nn.Linear):
+    """A bias-free Linear whose weights are ternary and inputs int8 in the forward pass.
+
+    The input is expected to be RMS-normalised already: in 2B4T every BitLinear sits behind one
+    of the model's RMSNorms (input_layernorm, attn_sub_norm, post_attention_layernorm,
+    ffn_sub_norm), which keeps the parameter names identical to the Hugging Face checkpoints.
+    `quantize=False` gives the full-precision baseline with the same parameters.
+    """
+
+    def __init__(self, in_features: int, out_features: int, quantize: bool = True, **kwargs):
+        super().__init__(in_features, out_features, bias=False, **kwargs)
+        self.quantize = quantize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantize:
+            return F.linear(x, self.weight)
+        w = straight_through(self.weight, quantize_weight(self.weight))
+        x = straight_through(x, quantize_activation(x))
+        return F.linear(x, w.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quantize={self.quantize}"
