@@ -1,0 +1,422 @@
+// W2A8 kernels for BitNet b1.58 (see w2a8.cuh for the API and layouts, README.md for the design).
+//
+// The one trick: weights are stored as u = t + 1 in {0, 1, 2}, two bits each, so a shift and a
+// 0x03030303 mask turn one packed 32-bit word into four int8 lanes that dp4a or an int8 mma can
+// consume as they are. dot(t, a) = dot(u, a) - sum(a), and sum(a) is computed once per token by
+// the activation quantizer. Everything here is integer until the final scale, so a kernel either
+// equals the reference exactly or is wrong; bitnet_train/kernels/cuda_reference.py mirrors the
+// index arithmetic of every kernel below and is tested against an independent int64 matmul.
+#include "w2a8.cuh"
+
+#include <stdint.h>
+
+namespace {
+
+constexpr int kAbiVersion = 1;
+constexpr float kEps = 1e-5f;           // quant.EPS
+constexpr uint32_t kCodeMask = 0x03030303u;  // the low two bits of each byte
+// int32 accumulators hold |dot(u, a)| <= 2 * 128 * Kpad; this keeps them far from overflow.
+constexpr int64_t kMaxKpad = int64_t(1) << 22;
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization: one block per token row.
+// ---------------------------------------------------------------------------------------------
+constexpr int kQuantThreads = 256;
+
+__device__ __forceinline__ float load_as_float(const float* x, int64_t i) { return x[i]; }
+__device__ __forceinline__ float load_as_float(const uint16_t* x, int64_t i) {
+    return __uint_as_float(uint32_t(x[i]) << 16);  // bf16 -> f32 is exact: the high half
+}
+
+struct MaxOp {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct AddOp {
+    __device__ int operator()(int a, int b) const { return a + b; }
+};
+
+// Block-wide reduction: a shuffle tree per warp, then one warp over the per-warp results.
+// `identity` pads the second stage; scratch holds 32 elements and is not reused by the caller
+// (the result is read from it after the last barrier).
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T identity, T* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < int(blockDim.x >> 5) ? scratch[lane] : identity;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+        if (lane == 0) scratch[0] = v;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kQuantThreads)
+quantize_rows_kernel(const T* __restrict__ x, int K, int Kpad, int8_t* __restrict__ q,
+                     float* __restrict__ scale, int32_t* __restrict__ row_sum) {
+    __shared__ float fscratch[32];
+    __shared__ int iscratch[32];
+    const int64_t m = blockIdx.x;
+    const T* xr = x + m * K;
+
+    // Pass 1: absmax. x rows are not 16-byte aligned in general (K is arbitrary), so loads are
+    // scalar but coalesced: consecutive threads read consecutive elements.
+    float amax = 0.f;
+    for (int k = threadIdx.x; k < K; k += kQuantThreads) amax = fmaxf(amax, fabsf(load_as_float(xr, k)));
+    amax = block_reduce(amax, MaxOp(), 0.f, fscratch);
+
+    // torch evaluates quant.py's `127.0 / t` as `t.reciprocal() * 127.0`: two correctly rounded
+    // float32 operations, not one division. __frcp_rn/__fmul_rn pin both, whatever the flags.
+    const float s = __fmul_rn(__frcp_rn(fmaxf(amax, kEps)), 127.0f);
+
+    // Pass 2 (x is re-read from L1/L2): each thread quantizes 4 consecutive values and stores
+    // them as one 32-bit word, so the int8 row is written with 128-byte warp transactions. The
+    // padding K..Kpad is written as zeros, which makes the padded codes (u = 1) contribute 0.
+    int sum = 0;
+    int8_t* qr = q + m * Kpad;
+    for (int k4 = threadIdx.x * 4; k4 < Kpad; k4 += kQuantThreads * 4) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int v = 0;
+            if (k4 + i < K) {
+                // rint = round half to even, as torch.round; x*s is a single rounded product.
+                v = __float2int_rn(__fmul_rn(load_as_float(xr, k4 + i), s));
+                v = min(max(v, -128), 127);
+            }
+            sum += v;
+            word |= (uint32_t(v) & 0xffu) << (8 * i);
+        }
+        *reinterpret_cast<uint32_t*>(qr + k4) = word;
+    }
+    sum = block_reduce(sum, AddOp(), 0, iscratch);
+    if (threadIdx.x == 0) {
+        scale[m] = s;
+        row_sum[m] = sum;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMV (decode): the int8 activation row is staged in shared memory; each warp streams the
+// packed rows of ROWS output features with 16-byte loads and unpacks them in registers.
+// ---------------------------------------------------------------------------------------------
+constexpr int kGemvWarps = 4;
+constexpr int kGemvRows = 4;        // rows per warp: 4 activation loads feed 16*ROWS dp4a
+constexpr int kGemvKTile = 8192;    // activation bytes staged per pass (any K works)
+static_assert((kGemvKTile / 64) % 32 == 0, "lane of a chunk must not depend on the K tile");
+
+// A 16-byte chunk c of a packed row covers block c/2, bytes 16*(c&1) .. +15, i.e. at shift 2s
+// the activations 128*(c/2) + 32*s + 16*(c&1) + 0..15: one 16-byte shared-memory load per
+// shift. Lane l handles chunks l, l+32, ... For the 8 lanes of a quarter warp (one LDS.128
+// phase) those addresses are 0,16,128,144,... + 32s: four lanes on the same banks. Each lane
+// therefore visits the four shifts in its own rotated order s = (t + (l>>1)) & 3, which spreads
+// a phase over all 32 banks (conflict-free); the integer sum does not care about the order.
+__device__ __forceinline__ int gemv_shift(int t, int lane) { return (t + (lane >> 1)) & 3; }
+
+__global__ void __launch_bounds__(kGemvWarps * 32)
+w2a8_gemv_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_sum,
+                 const float* __restrict__ a_scale, const uint8_t* __restrict__ qweight,
+                 const float* __restrict__ w_scale, int N, int Kpad, float* __restrict__ y,
+                 int32_t* __restrict__ dot) {
+    __shared__ __align__(16) int8_t act[kGemvKTile];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t m = blockIdx.y;
+    const int row0 = (blockIdx.x * kGemvWarps + warp) * kGemvRows;
+    const int64_t row_bytes = Kpad / 4;
+    const int8_t* qr = q + m * Kpad;
+
+    int acc[kGemvRows];
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) acc[r] = 0;
+
+    for (int k0 = 0; k0 < Kpad; k0 += kGemvKTile) {
+        const int kt = min(kGemvKTile, Kpad - k0);
+        __syncthreads();  // every warp is done reading the previous tile
+        for (int i = threadIdx.x * 16; i < kt; i += kGemvWarps * 32 * 16)
+            *reinterpret_cast<int4*>(act + i) = *reinterpret_cast<const int4*>(qr + k0 + i);
+        __syncthreads();
+
+        const uint8_t* wtile = qweight + k0 / 4;
+        const int chunks = kt / 64;
+        // Warps past N take part in the barriers above but have nothing to compute.
+        for (int c = lane; row0 < N && c < chunks; c += 32) {
+            uint4 w[kGemvRows];
+#pragma unroll
+            for (int r = 0; r < kGemvRows; ++r) {
+                // Consecutive lanes read consecutive 16-byte chunks of a row: fully coalesced.
+                // Weights are read once per token: stream them past L1 (evict-first).
+                w[r] = row0 + r < N
+                           ? __ldcs(reinterpret_cast<const uint4*>(wtile + (row0 + r) * row_bytes) + c)
+                           : make_uint4(0, 0, 0, 0);
+            }
+            const int8_t* ablk = act + (c >> 1) * 128 + (c & 1) * 16;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const int s = gemv_shift(t, lane);
+                const int4 a4 = *reinterpret_cast<const int4*>(ablk + 32 * s);
+                const int sh = 2 * s;
+#pragma unroll
+                for (int r = 0; r < kGemvRows; ++r) {
+                    acc[r] = __dp4a(int((w[r].x >> sh) & kCodeMask), a4.x, acc[r]);
+                    acc[r] = __dp4a(int((w[r].y >> sh) & kCodeMask), a4.y, acc[r]);
+                    acc[r] = __dp4a(int((w[r].z >> sh) & kCodeMask), a4.z, acc[r]);
+                    acc[r] = __dp4a(int((w[r].w >> sh) & kCodeMask), a4.w, acc[r]);
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+    }
+    if (lane == 0) {
+        const int32_t corr = row_sum[m];
+#pragma unroll
+        for (int r = 0; r < kGemvRows; ++r) {
+            const int n = row0 + r;
+            if (n >= N) break;
+            const int32_t d = acc[r] - corr;
+            if (dot) dot[m * N + n] = d;
+            if (y) y[m * N + n] = __fdiv_rn(float(d), __fmul_rn(*w_scale, a_scale[m]));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM (prefill): block tile 64 tokens x 128 features, K step = one packed block (128 values).
+// 8 warps in a 2x4 grid, each owning 32x32 outputs = 2x4 mma.m16n8k32 tiles.
+//
+// Why no unpack pass: the mma B fragment of lane (g = lane/4, i = lane%4) is four consecutive k
+// of column g, at k = 4i..4i+3 (b0) and 16+4i..16+4i+3 (b1) within a k32 step. For the k32 step
+// s of a packed block those are exactly bytes 4i..4i+3 and 16+4i..16+4i+3 of the weight row,
+// shifted right by 2s and masked: two 32-bit shared-memory words per lane yield the B fragments
+// of all four k32 steps of the block.
+// ---------------------------------------------------------------------------------------------
+constexpr int kBM = 64, kBN = 128, kBK = 128;
+constexpr int kWarpsM = 2, kWarpsN = 4, kGemmThreads = kWarpsM * kWarpsN * 32;
+// Row strides padded by 16 bytes so the fragment loads are conflict-free: a warp reads rows
+// g = 0..7 at word offset i = 0..3, i.e. banks (36g + i) mod 32 (A) or (12g + i) mod 32 (B),
+// all 32 distinct. 16 keeps every row start 16-byte aligned for cp.async.
+constexpr int kAStride = kBK + 16;       // 144 bytes
+constexpr int kBStride = kBK / 4 + 16;   // 48 bytes
+static_assert(kBM * kBK / 16 == 2 * kGemmThreads, "A tile: two 16-byte copies per thread");
+static_assert(kBN * kBK / 4 / 16 == kGemmThreads, "B tile: one 16-byte copy per thread");
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    // src-size 0 zero-fills the 16 bytes: rows past M or N read as zeros, no branch needed.
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void mma_s8_m16n8k32(int (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // the launcher refuses devices below sm_80, so this is never reached
+#endif
+}
+
+__global__ void __launch_bounds__(kGemmThreads)
+w2a8_gemm_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_sum,
+                 const float* __restrict__ a_scale, const uint8_t* __restrict__ qweight,
+                 const float* __restrict__ w_scale, int M, int N, int Kpad,
+                 float* __restrict__ y, int32_t* __restrict__ dot) {
+    __shared__ __align__(16) int8_t As[2][kBM * kAStride];    // 2 x 9216 B
+    __shared__ __align__(16) uint8_t Bs[2][kBN * kBStride];   // 2 x 6144 B
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, i4 = 4 * (lane & 3);  // mma groupID, 4 * threadID_in_group
+    const int wm = warp / kWarpsN, wn = warp % kWarpsN;
+    const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+    const int64_t row_bytes = Kpad / 4;
+
+    auto load_tile = [&](int kb, int buf) {
+        // A: 64 rows x 128 B; 8 consecutive threads copy one row (128-byte coalesced reads).
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int idx = tid + j * kGemmThreads, r = idx >> 3, c = idx & 7;
+            const bool ok = m0 + r < M;
+            const int8_t* src = ok ? q + int64_t(m0 + r) * Kpad + kb * kBK + c * 16 : q;
+            cp_async16(&As[buf][r * kAStride + c * 16], src, ok);
+        }
+        // B: 128 rows x 32 B (one packed block per weight row); two threads per 32-byte sector.
+        const int r = tid >> 1, h = tid & 1;
+        const bool ok = n0 + r < N;
+        const uint8_t* src = ok ? qweight + int64_t(n0 + r) * row_bytes + kb * (kBK / 4) + h * 16
+                                : qweight;
+        cp_async16(&Bs[buf][r * kBStride + h * 16], src, ok);
+        cp_async_commit();
+    };
+
+    int acc[2][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0;
+
+    const int nkb = Kpad / kBK;
+    load_tile(0, 0);
+    for (int kb = 0; kb < nkb; ++kb) {
+        const int buf = kb & 1;
+        cp_async_wait_all();
+        // One barrier does two jobs: tile kb is visible to all warps, and all warps have
+        // finished reading tile kb-1, whose buffer the next copy overwrites.
+        __syncthreads();
+        if (kb + 1 < nkb) load_tile(kb + 1, buf ^ 1);
+
+        uint32_t wlo[4], whi[4];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const uint8_t* p = &Bs[buf][(wn * 32 + nt * 8 + g) * kBStride + i4];
+            wlo[nt] = *reinterpret_cast<const uint32_t*>(p);
+            whi[nt] = *reinterpret_cast<const uint32_t*>(p + 16);
+        }
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            uint32_t af[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                // Rows g and g+8, k = 32s + i4 (+16): the m16n8k32 A fragment layout.
+                const int8_t* p = &As[buf][(wm * 32 + mt * 16 + g) * kAStride + 32 * s + i4];
+                af[mt][0] = *reinterpret_cast<const uint32_t*>(p);
+                af[mt][1] = *reinterpret_cast<const uint32_t*>(p + 8 * kAStride);
+                af[mt][2] = *reinterpret_cast<const uint32_t*>(p + 16);
+                af[mt][3] = *reinterpret_cast<const uint32_t*>(p + 8 * kAStride + 16);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const uint32_t b0 = (wlo[nt] >> (2 * s)) & kCodeMask;
+                const uint32_t b1 = (whi[nt] >> (2 * s)) & kCodeMask;
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) mma_s8_m16n8k32(acc[mt][nt], af[mt], b0, b1);
+            }
+        }
+    }
+
+    // Accumulator layout: c0,c1 at row g, columns 2*(lane%4) + 0/1; c2,c3 at row g+8.
+    const float ws = w_scale ? *w_scale : 0.f;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int m = m0 + wm * 32 + mt * 16 + g + 8 * half;
+            if (m >= M) continue;
+            const int32_t corr = row_sum[m];
+            const float den = y ? __fmul_rn(ws, a_scale[m]) : 0.f;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int n = n0 + wn * 32 + nt * 8 + i4 / 2 + e;
+                    if (n >= N) continue;
+                    const int32_t d = acc[mt][nt][2 * half + e] - corr;
+                    if (dot) dot[int64_t(m) * N + n] = d;
+                    if (y) y[int64_t(m) * N + n] = __fdiv_rn(float(d), den);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch guards
+// ---------------------------------------------------------------------------------------------
+cudaError_t check_product_args(const int8_t* q, const int32_t* row_sum, const float* a_scale,
+                               const uint8_t* qweight, const float* w_scale, int64_t M,
+                               int64_t N, int64_t Kpad, const float* y, const int32_t* dot) {
+    if (M <= 0 || N <= 0 || Kpad <= 0 || Kpad % 128 != 0 || Kpad > kMaxKpad || N > INT32_MAX ||
+        M > INT32_MAX)
+        return cudaErrorInvalidValue;
+    if (!q || !row_sum || !qweight || (!y && !dot)) return cudaErrorInvalidValue;
+    if (y && (!a_scale || !w_scale)) return cudaErrorInvalidValue;
+    if (!aligned16(q) || !aligned16(qweight)) return cudaErrorMisalignedAddress;
+    return cudaSuccess;
+}
+
+cudaError_t device_major(int* major) {
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    return cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, dev);
+}
+
+}  // namespace
+
+extern "C" {
+
+cudaError_t w2a8_quantize_activations(const void* x, int x_dtype, int64_t M, int64_t K,
+                                      int64_t Kpad, int8_t* q, float* scale, int32_t* row_sum,
+                                      cudaStream_t stream) {
+    if (!x || !q || !scale || !row_sum || M <= 0 || K <= 0 || M > INT32_MAX) return cudaErrorInvalidValue;
+    if (Kpad < K || Kpad % 128 != 0 || Kpad > kMaxKpad) return cudaErrorInvalidValue;
+    if (!aligned16(q)) return cudaErrorMisalignedAddress;
+    const dim3 grid(static_cast<unsigned>(M)), block(kQuantThreads);
+    if (x_dtype == W2A8_DTYPE_FLOAT32)
+        quantize_rows_kernel<float><<<grid, block, 0, stream>>>(
+            static_cast<const float*>(x), int(K), int(Kpad), q, scale, row_sum);
+    else if (x_dtype == W2A8_DTYPE_BFLOAT16)
+        quantize_rows_kernel<uint16_t><<<grid, block, 0, stream>>>(
+            static_cast<const uint16_t*>(x), int(K), int(Kpad), q, scale, row_sum);
+    else
+        return cudaErrorInvalidValue;
+    return cudaGetLastError();
+}
+
+cudaError_t w2a8_gemv(const int8_t* q, const int32_t* row_sum, const float* a_scale,
+                      const uint8_t* qweight, const float* w_scale, int64_t M, int64_t N,
+                      int64_t Kpad, float* y, int32_t* dot, cudaStream_t stream) {
+    cudaError_t err = check_product_args(q, row_sum, a_scale, qweight, w_scale, M, N, Kpad, y, dot);
+    if (err != cudaSuccess) return err;
+    if (M > 65535) return cudaErrorInvalidValue;  // one token per grid row; use w2a8_gemm
+    constexpr int rows_per_block = kGemvWarps * kGemvRows;
+    const dim3 grid(static_cast<unsigned>((N + rows_per_block - 1) / rows_per_block),
+                    static_cast<unsigned>(M));
+    w2a8_gemv_kernel<<<grid, kGemvWarps * 32, 0, stream>>>(q, row_sum, a_scale, qweight, w_scale,
+                                                          int(N), int(Kpad), y, dot);
+    return cudaGetLastError();
+}
+
+cudaError_t w2a8_gemm(const int8_t* q, const int32_t* row_sum, const float* a_scale,
+                      const uint8_t* qweight, const float* w_scale, int64_t M, int64_t N,
+                      int64_t Kpad, float* y, int32_t* dot, cudaStream_t stream) {
+    cudaError_t err = check_product_args(q, row_sum, a_scale, qweight, w_scale, M, N, Kpad, y, dot);
+    if (err != cudaSuccess) return err;
+    int major = 0;
+    if ((err = device_major(&major)) != cudaSuccess) return err;
+    if (major < 8) return cudaErrorNoKernelImageForDevice;  // int8 mma.m16n8k32 needs sm_80
+    if ((M + kBM - 1) / kBM > 65535) return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>((N + kBN - 1) / kBN),
+                    static_cast<unsigned>((M + kBM - 1) / kBM));
+    w2a8_gemm_kernel<<<grid, kGemmThreads, 0, stream>>>(q, row_sum, a_scale, qweight, w_scale,
+                                                       int(M), int(N), int(Kpad), y, dot);
+    return cudaGetLastError();
+}
+
+const char* w2a8_error_string(int error) {
+    return cudaGetErrorString(static_cast<cudaError_t>(error));
+}
+
+int w2a8_abi_version(void) { return kAbiVersion; }
+
+}  // extern "C"
