@@ -1,0 +1,131 @@
+"""CPU inference kernels for BitNet b1.58: ternary weights x int8 activations.
+
+The one door callers use: torch tensors in, torch tensors out. It runs the compiled kernels
+(bitnet_train._cpu_kernels, built from kernels/cpu by `pip install`) and falls back, after one
+warning, to the pure-torch reference below when the extension was not built or the CPU lacks
+AVX2. The reference is also what tests/test_cpu_kernels.py holds the kernels to.
+
+Shapes: x (M, K) float; a (M, Kpad) int8 with Kpad = ceil(K / 128) * 128 (zero padded);
+qweight (N, Kpad / 4) uint8 in the docs/formats.md layout; qscale the weight multiplier s_w
+(W_q = t / s_w), a float or a one-element tensor.
+"""
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from bitnet_train import packing, quant
+
+try:
+    from bitnet_train import _cpu_kernels as _ext
+
+    _EXT_ERROR = None
+except ImportError as err:  # built without a compiler: the package installs anyway
+    _ext = None
+    _EXT_ERROR = err
+
+_warned = False
+
+
+def _fallback_reason() -> str | None:
+    if _ext is None:
+        return (
+            f"the compiled CPU kernels (bitnet_train._cpu_kernels) are missing ({_EXT_ERROR}); "
+            "install a C++17 compiler (e.g. g++) and reinstall with `pip install -e .`"
+        )
+    if "avx2" not in _ext.available_backends():
+        return "this CPU lacks AVX2, which the compiled CPU kernels are written for"
+    return None
+
+
+def _native():
+    """The compiled module, or None (after warning once why) when the torch reference must run."""
+    global _warned
+    reason = _fallback_reason()
+    if reason is None:
+        return _ext
+    if not _warned:
+        warnings.warn(f"{reason}; using the much slower pure-torch reference", RuntimeWarning, stacklevel=3)
+        _warned = True
+    return None
+
+
+def backend() -> str:
+    """What runs the calls: 'avx2' or 'scalar' (compiled), or 'torch' (the reference fallback)."""
+    ext = _native()
+    return ext.get_backend() if ext is not None else "torch"
+
+
+def _cpu(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got device {t.device}")
+    return t.detach().contiguous()
+
+
+# ---------------------------------------------------------------------- the door
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (M, Kpad), zero padded, and per-token multipliers s (M,) of x (M, K).
+
+    Bit-identical to quant.quantize_int8: x ~ q / s.
+    """
+    x = _cpu(x, "x").float()
+    ext = _native()
+    if ext is None:
+        return reference_quantize_activations(x)
+    q, s = ext.quantize_activations(x.numpy())
+    return torch.from_numpy(q), torch.from_numpy(s)
+
+
+def ternary_matmul_int(a: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """Exact int32 (M, N) = a @ t^T for int8 a (M, Kpad) and packed ternary qweight (N, Kpad/4)."""
+    a, qweight = _cpu(a, "a"), _cpu(qweight, "qweight")
+    ext = _native()
+    if ext is None:
+        return reference_matmul_int(a, qweight)
+    return torch.from_numpy(ext.ternary_gemm_int(a.numpy(), qweight.numpy()))
+
+
+def bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_features: int) -> torch.Tensor:
+    """BitLinear's inference forward, float32 (..., N), for x (..., in_features).
+
+    Equals F.linear(quant.quantize_activation(x), quant.quantize_weight(W)) up to float32
+    rounding, for qweight = packing.pack_ternary(codes) and qscale = s of quant.ternarize(W).
+    """
+    lead = x.shape[:-1]
+    x2d = _cpu(x, "x").float().reshape(-1, x.shape[-1])
+    qweight = _cpu(qweight, "qweight")
+    ext = _native()
+    if ext is None:
+        y = reference_bitlinear(x2d, qweight, qscale, in_features)
+    else:
+        y = torch.from_numpy(ext.bitlinear_forward(x2d.numpy(), qweight.numpy(), float(qscale), in_features))
+    return y.reshape(*lead, qweight.shape[0])
+
+
+# ---------------------------------------------------------------------- torch reference
+
+
+def reference_quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant.quantize_int8 in the kernels' format: int8 (M, Kpad) zero padded, s (M,)."""
+    q, s = quant.quantize_int8(x)
+    pad = packing.padded_features(x.shape[-1]) - x.shape[-1]
+    return F.pad(q, (0, pad)).to(torch.int8), s.squeeze(-1)
+
+
+def reference_matmul_int(a: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """a @ t^T in exact int32 arithmetic on the unpacked codes."""
+    if a.dtype != torch.int8 or a.dim() != 2:
+        raise ValueError(f"a must be a 2-D int8 tensor, got {a.dtype} of shape {tuple(a.shape)}")
+    codes = packing.unpack_ternary(qweight, a.shape[1], dtype=torch.int32)
+    return a.to(torch.int32) @ codes.T
+
+
+def reference_bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_features: int) -> torch.Tensor:
+    """y = dot(t, a) / (s_w * s_a) in float32, each operation rounded once, like the kernels."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, in_features is {in_features}")
+    a, s = reference_quantize_activations(x)
+    w_scale = torch.as_tensor(qscale, dtype=torch.float32).reshape(())
+    return reference_matmul_int(a, qweight).float() / (w_scale * s[:, None])

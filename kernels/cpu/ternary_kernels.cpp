@@ -1,0 +1,275 @@
+// Ternary x int8 CPU kernels: a portable scalar path and an AVX2 path picked at run time.
+//
+// The AVX2 functions carry a target attribute instead of the whole file being built with
+// -mavx2, so the module still imports (and runs the scalar path) on CPUs without AVX2.
+#include "ternary_kernels.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define BITNET_AVX2 __attribute__((target("avx2,fma")))
+
+namespace bitnet {
+namespace {
+
+constexpr float kEps = 1e-5f;  // quant.EPS
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ------------------------------------------------------------------ activation quantization
+
+// quant.py writes `127.0 / amax`, but torch evaluates scalar / tensor as
+// tensor.reciprocal() * scalar: two roundings, which differ from one division for about a
+// quarter of all amax values. Mirror it, or values near k + 0.5 round the other way.
+float absmax_multiplier(float amax) { return (1.0f / std::max(amax, kEps)) * 127.0f; }
+
+// nearbyint rounds in the default mode, half to even, exactly like torch.round.
+int8_t quantize_value(float x, float s) {
+  return static_cast<int8_t>(std::clamp(std::nearbyint(x * s), -128.0f, 127.0f));
+}
+
+float quantize_row_scalar(const float* x, int64_t k, int8_t* q) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = absmax_multiplier(amax);
+  for (int64_t i = 0; i < k; ++i) q[i] = quantize_value(x[i], s);
+  return s;
+}
+
+BITNET_AVX2 float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+BITNET_AVX2 __m256i quantize8_avx2(const float* x, __m256 s) {
+  const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), s),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 clamped = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-128.0f)), _mm256_set1_ps(127.0f));
+  return _mm256_cvtps_epi32(clamped);
+}
+
+BITNET_AVX2 float quantize_row_avx2(const float* x, int64_t k, int8_t* q) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  float amax = hmax(vmax);
+  for (; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
+
+  const float s = absmax_multiplier(amax);
+  const __m256 vs = _mm256_set1_ps(s);
+  // The saturating packs work within 128-bit lanes; this dword permutation restores order.
+  const __m256i lane_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (i = 0; i + 32 <= k; i += 32) {
+    const __m256i lo = _mm256_packs_epi32(quantize8_avx2(x + i, vs), quantize8_avx2(x + i + 8, vs));
+    const __m256i hi = _mm256_packs_epi32(quantize8_avx2(x + i + 16, vs), quantize8_avx2(x + i + 24, vs));
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(lo, hi), lane_order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), bytes);
+  }
+  for (; i < k; ++i) q[i] = quantize_value(x[i], s);
+  return s;
+}
+
+// ------------------------------------------------------------------ integer matmul tiles
+
+constexpr int kMaxTile = 4;  // largest tile side, in activation rows or weight rows
+
+// Activation rows x weight rows computed together: each loaded activation chunk is reused
+// across `cols` weight rows and each unpacked weight chunk across `rows` activation rows.
+struct TileShape {
+  int rows, cols;
+};
+
+// dot(u, a) over `blocks` packed blocks for a rows x cols tile;
+// dots[i * kMaxTile + j] pairs activation row i with weight row j.
+using TileFn = void (*)(int rows, int cols, const int8_t* a, int64_t lda, const uint8_t* w,
+                        int64_t ldw, int64_t blocks, int32_t* dots);
+
+struct Kernel {
+  TileFn tile;
+  TileShape gemv;  // m == 1 (decode): memory-bound, several weight rows share the one activation row
+  TileShape gemm;  // m > 1 (prefill): compute-bound, unpacked weights reused across activation rows
+};
+
+int32_t dot_u_scalar(const int8_t* a, const uint8_t* w, int64_t blocks) {
+  int32_t acc = 0;
+  for (int64_t b = 0; b < blocks; ++b, a += kBlockValues, w += kBlockBytes) {
+    for (int j = 0; j < kBlockBytes; ++j) {
+      for (int s = 0; s < 4; ++s) acc += ((w[j] >> (2 * s)) & 3) * a[s * kBlockBytes + j];
+    }
+  }
+  return acc;
+}
+
+void tile_scalar(int rows, int cols, const int8_t* a, int64_t lda, const uint8_t* w, int64_t ldw,
+                 int64_t blocks, int32_t* dots) {
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < cols; ++j) dots[i * kMaxTile + j] = dot_u_scalar(a + i * lda, w + j * ldw, blocks);
+  }
+}
+
+// maddubs adds two u * a products into an int16 lane without saturating (u <= 2, |a| <= 128).
+// Those lanes are summed in int16 over kFlushBlocks blocks (4 maddubs per block) before
+// widening to int32, which saves a madd per maddubs; the bound below keeps that exact.
+constexpr int64_t kFlushBlocks = 16;
+static_assert(4 * kFlushBlocks * 2 * 2 * 128 <= 32768 && 4 * kFlushBlocks * 2 * 2 * 127 <= 32767,
+              "int16 accumulators could overflow");
+
+// Far enough ahead to cover DRAM latency when a GEMV streams its weights.
+constexpr int64_t kPrefetchBytes = 1024;
+
+BITNET_AVX2 int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int Rows, int Cols>
+BITNET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const uint8_t* w, int64_t ldw,
+                           int64_t blocks, int32_t* dots) {
+  const __m256i low2 = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc32[Rows][Cols];
+  for (auto& row : acc32) std::fill(row, row + Cols, _mm256_setzero_si256());
+
+  for (int64_t b0 = 0; b0 < blocks; b0 += kFlushBlocks) {
+    __m256i acc16[Rows][Cols];
+    for (auto& row : acc16) std::fill(row, row + Cols, _mm256_setzero_si256());
+    const int64_t b1 = std::min(blocks, b0 + kFlushBlocks);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int j = 0; j < Cols; ++j) {
+        const uint8_t* wb = w + j * ldw + b * kBlockBytes;
+        _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchBytes), _MM_HINT_T0);
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+        for (int s = 0; s < 4; ++s) {  // bits 2s, 2s+1 of every byte: values 32s .. 32s+31
+          const __m256i u = _mm256_and_si256(_mm256_srli_epi16(packed, 2 * s), low2);
+          for (int i = 0; i < Rows; ++i) {
+            const int8_t* ab = a + i * lda + b * kBlockValues + s * kBlockBytes;
+            const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ab));
+            acc16[i][j] = _mm256_add_epi16(acc16[i][j], _mm256_maddubs_epi16(u, av));
+          }
+        }
+      }
+    }
+    for (int i = 0; i < Rows; ++i) {
+      for (int j = 0; j < Cols; ++j) acc32[i][j] = _mm256_add_epi32(acc32[i][j], _mm256_madd_epi16(acc16[i][j], ones));
+    }
+  }
+  for (int i = 0; i < Rows; ++i) {
+    for (int j = 0; j < Cols; ++j) dots[i * kMaxTile + j] = hsum(acc32[i][j]);
+  }
+}
+
+using TileImpl = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*);
+
+// Edge tiles of a matrix need every smaller shape, hence one instantiation per shape.
+constexpr TileImpl kAvx2Tiles[kMaxTile][kMaxTile] = {
+    {tile_avx2<1, 1>, tile_avx2<1, 2>, tile_avx2<1, 3>, tile_avx2<1, 4>},
+    {tile_avx2<2, 1>, tile_avx2<2, 2>, tile_avx2<2, 3>, tile_avx2<2, 4>},
+    {tile_avx2<3, 1>, tile_avx2<3, 2>, tile_avx2<3, 3>, tile_avx2<3, 4>},
+    {tile_avx2<4, 1>, tile_avx2<4, 2>, tile_avx2<4, 3>, tile_avx2<4, 4>},
+};
+
+void tile_avx2_any(int rows, int cols, const int8_t* a, int64_t lda, const uint8_t* w, int64_t ldw,
+                   int64_t blocks, int32_t* dots) {
+  kAvx2Tiles[rows - 1][cols - 1](a, lda, w, ldw, blocks, dots);
+}
+
+const Kernel& kernel_for(Isa isa) {
+  static const Kernel scalar{tile_scalar, {1, 1}, {1, 1}};
+  static const Kernel avx2{tile_avx2_any, {1, 4}, {4, 2}};
+  return isa == Isa::kAvx2 ? avx2 : scalar;
+}
+
+// ------------------------------------------------------------------ driver
+
+std::vector<int32_t> row_sums(const int8_t* a, int64_t m, int64_t k) {
+  std::vector<int32_t> sums(m, 0);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < k; ++j) sums[i] += a[i * k + j];
+  }
+  return sums;
+}
+
+// A panel is the block of weight rows one task owns. It is reused by every activation tile,
+// so it should stay in L2; and there should be whole panels for every thread.
+constexpr int64_t kPanelBytes = 128 * 1024;
+
+int64_t panel_rows(int64_t n, int64_t row_bytes, int cols, int threads) {
+  const int64_t tasks = round_up(std::max<int64_t>(1, ceil_div(n * row_bytes, kPanelBytes)), threads);
+  return round_up(std::max<int64_t>(1, ceil_div(n, tasks)), cols);
+}
+
+// Runs the integer matmul and hands each finished dot(t, a) to store(row, col, dot).
+template <class Store>
+void run_gemm(Isa isa, const TernaryGemm& g, int threads, Store store) {
+  const Kernel& kernel = kernel_for(isa);
+  const TileShape tile = g.m == 1 ? kernel.gemv : kernel.gemm;
+  const int64_t lda = g.k_padded, ldw = g.k_padded / 4, blocks = g.k_padded / kBlockValues;
+  const std::vector<int32_t> sums = row_sums(g.a, g.m, g.k_padded);
+  const int64_t panel = panel_rows(g.n, ldw, tile.cols, threads);
+  const int64_t tasks = ceil_div(g.n, panel);
+
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t n_end = std::min(g.n, (t + 1) * panel);
+    for (int64_t m0 = 0; m0 < g.m; m0 += tile.rows) {
+      const int rows = static_cast<int>(std::min<int64_t>(tile.rows, g.m - m0));
+      for (int64_t n0 = t * panel; n0 < n_end; n0 += tile.cols) {
+        const int cols = static_cast<int>(std::min<int64_t>(tile.cols, n_end - n0));
+        int32_t dots[kMaxTile * kMaxTile];
+        kernel.tile(rows, cols, g.a + m0 * lda, lda, g.w + n0 * ldw, ldw, blocks, dots);
+        for (int i = 0; i < rows; ++i) {
+          for (int j = 0; j < cols; ++j) store(m0 + i, n0 + j, dots[i * kMaxTile + j] - sums[m0 + i]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+void quantize_rows(Isa isa, const float* x, int64_t rows, int64_t k, int64_t k_padded, int8_t* q,
+                   float* scales, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    int8_t* qr = q + r * k_padded;
+    scales[r] = isa == Isa::kAvx2 ? quantize_row_avx2(x + r * k, k, qr) : quantize_row_scalar(x + r * k, k, qr);
+    std::memset(qr + k, 0, k_padded - k);
+  }
+}
+
+void gemm_int(Isa isa, const TernaryGemm& g, int32_t* out, int threads) {
+  run_gemm(isa, g, threads, [&](int64_t i, int64_t j, int32_t dot) { out[i * g.n + j] = dot; });
+}
+
+void gemm_rescaled(Isa isa, const TernaryGemm& g, const float* a_scales, float w_scale, float* out,
+                   int threads) {
+  run_gemm(isa, g, threads, [&](int64_t i, int64_t j, int32_t dot) {
+    out[i * g.n + j] = static_cast<float>(dot) / (w_scale * a_scales[i]);
+  });
+}
+
+}  // namespace bitnet

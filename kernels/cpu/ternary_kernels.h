@@ -1,0 +1,51 @@
+// Ternary-weight x int8-activation CPU kernels (BitNet b1.58 inference).
+//
+// Weights are in the bitnet-train packed layout (docs/formats.md): 2-bit codes u = t + 1,
+// 128 values per 32-byte block, byte j of a block holding values j, j+32, j+64, j+96 from the
+// low bits up. Activations are int8 rows padded with zeros to the same multiple of 128.
+// The integer result is dot(t, a) = dot(u, a) - sum(a): u is unsigned and a signed, which is
+// exactly the operand split of the u8 x s8 multiply-add instructions.
+#pragma once
+
+#include <cstdint>
+
+namespace bitnet {
+
+constexpr int64_t kBlockValues = 128;  // values per packed block
+constexpr int64_t kBlockBytes = 32;    // bytes per packed block
+
+inline int64_t padded_features(int64_t k) { return (k + kBlockValues - 1) / kBlockValues * kBlockValues; }
+
+enum class Isa { kScalar, kAvx2 };
+
+bool cpu_has_avx2();
+
+// Threads come from OpenMP; a build without it runs single-threaded.
+#ifdef _OPENMP
+constexpr bool kMultithreaded = true;
+#else
+constexpr bool kMultithreaded = false;
+#endif
+int max_threads();
+
+// Per-token absmax int8 quantization, bit-identical to bitnet_train.quant.quantize_int8.
+// x: (rows, k) float32; q: (rows, k_padded) int8 with the padding zeroed; scales: (rows,),
+// the multipliers s = 127 / max|x| (so x ~ q / s).
+void quantize_rows(Isa isa, const float* x, int64_t rows, int64_t k, int64_t k_padded,
+                   int8_t* q, float* scales, int threads);
+
+// a: (m, k_padded) int8 activations; w: (n, k_padded / 4) packed ternary weights.
+struct TernaryGemm {
+  const int8_t* a;
+  const uint8_t* w;
+  int64_t m, n, k_padded;
+};
+
+// out (m, n) int32 = a @ t^T, exact.
+void gemm_int(Isa isa, const TernaryGemm& g, int32_t* out, int threads);
+
+// out (m, n) float32 = (a @ t^T) / (w_scale * a_scales[row]): the BitLinear output.
+void gemm_rescaled(Isa isa, const TernaryGemm& g, const float* a_scales, float w_scale,
+                   float* out, int threads);
+
+}  // namespace bitnet
