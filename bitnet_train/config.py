@@ -1,0 +1,159 @@
+"""Typed configs. Hydra validates every YAML file and command-line override against these
+dataclasses, so a mistyped key or a wrong type fails at start-up, naming the key."""
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Architecture knobs; the field names are transformers' BitNetConfig's."""
+
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    max_position_embeddings: int = 4096
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    # False gives the same architecture in full precision: the baseline for every ternary run.
+    quantize: bool = True
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    # "builtin" trains (once, cached) a byte-level BPE on the built-in corpus; anything else is a
+    # Hugging Face tokenizer name or local path (e.g. meta-llama/Meta-Llama-3-8B for 2B4T).
+    name: str = "builtin"
+    vocab_size: int = 4096  # only for "builtin"
+
+
+@dataclass
+class DataConfig:
+    # builtin: text shipped with Python (pydoc_data) / the package's own task generators;
+    # hub: a datasets hub name; files: local .txt/.jsonl/.json/.parquet files.
+    source: str = "builtin"
+    name: Optional[str] = None  # hub dataset name
+    subset: Optional[str] = None  # hub dataset config
+    files: list[str] = field(default_factory=list)
+    train_split: str = "train"
+    validation_split: Optional[str] = None  # None: carve validation_fraction out of train
+    validation_fraction: float = 0.05
+    text_field: str = "text"
+    seq_len: int = 128
+    # Built-in chat/preference task sets (SFT/DPO): examples per split.
+    num_train_examples: int = 2000
+    num_eval_examples: int = 200
+    # Rows that lack the expected fields are skipped and counted; above this fraction we stop.
+    max_bad_row_fraction: float = 0.01
+
+
+@dataclass
+class OptimConfig:
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Two-stage LR and weight decay (BitNet b1.58 training tips; 2B4T report section 3.1).
+
+    LR: linear warm-up to lr_peak; stage 1 decays to lr_peak*stage1_end_ratio; at
+    stage2_start (fraction of training) it drops abruptly to lr_stage2_peak and decays to
+    lr_stage2_peak*final_ratio. stage2_start=1.0 gives an ordinary one-stage schedule.
+    WD: stage 1 at wd (constant, or a cosine from wd to 0 over stage 1); stage 2 at wd_stage2.
+    """
+
+    shape: str = "linear"  # linear | cosine
+    warmup_steps: int = 375
+    lr_peak: float = 1.5e-3
+    stage1_end_ratio: float = 0.8
+    stage2_start: float = 0.5
+    lr_stage2_peak: float = 1.0e-3
+    final_ratio: float = 0.0
+    wd: float = 0.1
+    wd_shape: str = "constant"  # constant | cosine
+    wd_stage2: float = 0.0
+
+
+@dataclass
+class StageConfig:
+    """One training stage. Stages differ by loss and data only; the loop is shared."""
+
+    kind: str = MISSING  # pretrain | sft | dpo
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    max_steps: int = 0  # optimizer steps; 0: derive from epochs
+    epochs: float = 1.0
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    eval_every: int = 50
+    eval_batches: int = 20
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    # Where the stage starts: null = the previous stage's output (or fresh weights for the
+    # first stage); or a checkpoint directory (ours, or a transformers BitNet one).
+    init_from: Optional[str] = None
+    loss_reduction: str = "mean"  # mean | sum (SFT: sum, the report's choice)
+    dpo_beta: float = 0.1
+    max_nonfinite_steps: int = 10
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "auto"  # auto (online if WANDB_API_KEY is set, else offline) | online | offline | disabled
+    project: str = "bitnet-train"
+    group: Optional[str] = None
+    log_every: int = 10
+    progress_bar: bool = True
+    plot: bool = True
+
+
+@dataclass
+class LaunchConfig:
+    """Resolved by accelerate at run time; these are the knobs our code reads itself."""
+
+    mixed_precision: str = "no"  # no | bf16 (the per-stage precision wins when set)
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    deterministic: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pretrain: StageConfig = MISSING
+    sft: StageConfig = MISSING
+    dpo: StageConfig = MISSING
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    pipeline: list[str] = field(default_factory=lambda: ["pretrain"])
+    output_dir: str = MISSING
+    seed: int = 1234
+    # Free-form notes a recipe wants recorded with the run (never read by the code).
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("optim", OptimConfig),
+        ("schedule", ScheduleConfig),
+        ("stage", StageConfig),
+        ("logging", LoggingConfig),
+        ("launch", LaunchConfig),
+        ("tokenizer", TokenizerConfig),
+    ]:
+        cs.store(group=group, name=f"base_{group}", node=node)

@@ -1,0 +1,1 @@
+"""Data: sources (built-in, local files, hub), the tokenizer, packing and the batch stream."""

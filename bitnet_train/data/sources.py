@@ -1,0 +1,82 @@
+"""Every data source goes through the `datasets` library: hub names, local files, built-ins.
+
+Rows that lack the expected fields are skipped and counted; past `max_bad_row_fraction` the
+run stops before any compute, naming the file and the field.
+"""
+import logging
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+from ..config import DataConfig
+
+log = logging.getLogger(__name__)
+
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad input data, with what was wrong and how to fix it."""
+
+
+def load_splits(cfg: DataConfig, builtin: DatasetDict | None = None) -> DatasetDict:
+    """train/validation splits for `cfg.source`; `builtin` is the stage's own built-in data."""
+    if cfg.source == "builtin":
+        if builtin is None:
+            raise DataError("this stage has no built-in data; set data.source=files or hub")
+        return builtin
+    if cfg.source == "files":
+        raw = _load_files(cfg)
+    elif cfg.source == "hub":
+        if not cfg.name:
+            raise DataError("data.source=hub needs data.name (a datasets hub name)")
+        raw = load_dataset(cfg.name, cfg.subset)
+    else:
+        raise DataError(f"unknown data.source {cfg.source!r}; use builtin, files or hub")
+    if cfg.train_split not in raw:
+        raise DataError(f"split {cfg.train_split!r} not found (have {list(raw)}); set data.train_split")
+    if cfg.validation_split:
+        if cfg.validation_split not in raw:
+            raise DataError(
+                f"split {cfg.validation_split!r} not found (have {list(raw)}); set data.validation_split"
+            )
+        return DatasetDict(train=raw[cfg.train_split], validation=raw[cfg.validation_split])
+    split = raw[cfg.train_split].train_test_split(test_size=cfg.validation_fraction, seed=0, shuffle=True)
+    return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def _load_files(cfg: DataConfig) -> DatasetDict:
+    if not cfg.files:
+        raise DataError("data.source=files needs data.files=[path, ...]")
+    paths = [Path(p).expanduser() for p in cfg.files]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"data file {p} does not exist; check data.files")
+        if p.stat().st_size == 0:
+            raise DataError(f"data file {p} is empty; remove it from data.files")
+    suffixes = {p.suffix for p in paths}
+    if len(suffixes) != 1 or next(iter(suffixes)) not in FILE_BUILDERS:
+        raise DataError(
+            f"data.files must all have one of the suffixes {sorted(FILE_BUILDERS)}; got {sorted(suffixes)}"
+        )
+    builder = FILE_BUILDERS[suffixes.pop()]
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    return load_dataset(builder, data_files={"train": [str(p) for p in paths]}, **kwargs)
+
+
+def keep_valid_rows(ds: Dataset, is_valid, what: str, cfg: DataConfig) -> Dataset:
+    """Drop rows `is_valid` rejects; report how many, and fail above the configured fraction."""
+    good = ds.filter(is_valid)
+    bad = len(ds) - len(good)
+    if bad:
+        fraction = bad / max(1, len(ds))
+        message = f"{bad} of {len(ds)} rows ({fraction:.1%}) lack {what}"
+        if fraction > cfg.max_bad_row_fraction:
+            raise DataError(
+                f"{message}: above data.max_bad_row_fraction={cfg.max_bad_row_fraction}; "
+                "fix the data or raise the threshold"
+            )
+        log.warning("%s; skipped them", message)
+    if len(good) == 0:
+        raise DataError(f"no usable rows: every row lacks {what}")
+    return good

@@ -1,0 +1,58 @@
+"""A resumable, rank-aware stream of global batches.
+
+Every optimizer step consumes one global batch of `global_batch` examples, in an order fixed
+by (seed, epoch). Rank r of w takes every w-th micro-batch of it, so 1 rank x 4 micro-batches
+and 2 ranks x 2 micro-batches see exactly the same examples per step. The position is two
+integers, saved in every checkpoint, which makes resuming exact.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class StreamPosition:
+    epoch: int = 0
+    offset: int = 0  # examples of this epoch already consumed
+
+
+class BatchStream:
+    def __init__(self, num_examples: int, micro_batch: int, grad_accum: int, world: int, seed: int):
+        self.n = num_examples
+        self.micro = micro_batch
+        self.accum = grad_accum
+        self.world = world
+        self.global_batch = micro_batch * grad_accum * world
+        if self.global_batch > num_examples:
+            raise ValueError(
+                f"a global batch of {self.global_batch} examples (micro_batch_size x grad_accum x ranks) "
+                f"is larger than the {num_examples} training examples; lower micro_batch_size or grad_accum"
+            )
+        self.seed = seed
+        self.pos = StreamPosition()
+        self._order = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def order(self) -> torch.Tensor:
+        if self._order is None or self._order[0] != self.pos.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.pos.epoch)
+            self._order = (self.pos.epoch, torch.randperm(self.n, generator=g))
+        return self._order[1]
+
+    def next_step(self, rank: int) -> list[torch.Tensor]:
+        """Example indices of this rank's micro-batches for the next optimizer step."""
+        if self.pos.offset + self.global_batch > self.n:  # drop the ragged tail, start a new epoch
+            self.pos = StreamPosition(self.pos.epoch + 1, 0)
+        idx = self.order()[self.pos.offset : self.pos.offset + self.global_batch]
+        self.pos.offset += self.global_batch
+        micro = idx.view(self.accum * self.world, self.micro)
+        return [micro[i] for i in range(rank, len(micro), self.world)]
+
+    def state_dict(self) -> dict:
+        return asdict(self.pos)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = StreamPosition(**state)

@@ -1,0 +1,216 @@
+"""BitNet b1.58 2B4T as a transformers model (tech report arXiv 2504.12285, section 2).
+
+Read top to bottom beside the report: RMSNorm, RoPE, attention with GQA and the attention
+sub-norm, the ReLU² gated FFN with its sub-norm, the pre-norm block, the model, the LM head.
+Every projection inside a block is a BitLinear (quant.py); embedding and lm_head stay in full
+precision. Parameter names are exactly those of the Hugging Face BitNet checkpoints, so the
+released bf16 master weights load straight in and our checkpoints load in `BitNetForCausalLM`.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, AutoModelForCausalLM, BitNetConfig, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .quant import BitLinear
+
+
+@strict
+class BitNetTrainConfig(BitNetConfig):
+    """transformers' BitNetConfig plus one switch: `quantize=False` is the full-precision twin."""
+
+    model_type = "bitnet_train"
+    quantize: bool = True
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as Llama does: bf16 variance loses too many bits.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with Llama's rotate-half convention, which the released checkpoints were trained in."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, head_dim/2)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """GQA self-attention; the report's change to Llama is attn_sub_norm before o_proj."""
+
+    def __init__(self, config: BitNetTrainConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        q = config.quantize
+        self.q_proj = BitLinear(config.hidden_size, self.n_heads * self.head_dim, quantize=q)
+        self.k_proj = BitLinear(config.hidden_size, self.n_kv_heads * self.head_dim, quantize=q)
+        self.v_proj = BitLinear(config.hidden_size, self.n_kv_heads * self.head_dim, quantize=q)
+        self.o_proj = BitLinear(self.n_heads * self.head_dim, config.hidden_size, quantize=q)
+        self.attn_sub_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, rope, mask, cache: Cache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
+        )
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(self.attn_sub_norm(y))
+
+
+class FeedForward(nn.Module):
+    """down(ffn_sub_norm(relu(gate(x))² * up(x))): the report's ReLU² GLU with a sub-norm."""
+
+    def __init__(self, config: BitNetTrainConfig):
+        super().__init__()
+        q = config.quantize
+        self.gate_proj = BitLinear(config.hidden_size, config.intermediate_size, quantize=q)
+        self.up_proj = BitLinear(config.hidden_size, config.intermediate_size, quantize=q)
+        self.down_proj = BitLinear(config.intermediate_size, config.hidden_size, quantize=q)
+        self.ffn_sub_norm = RMSNorm(config.intermediate_size, eps=config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ffn_sub_norm(F.relu(self.gate_proj(x)).square() * self.up_proj(x)))
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: BitNetTrainConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x, rope, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class BitNetTrainPreTrainedModel(PreTrainedModel):
+    config_class = BitNetTrainConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            head_dim = module.inv_freq.numel() * 2
+            theta = self.config.rope_parameters["rope_theta"]
+            module.inv_freq.copy_(1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
+class BitNetTrainModel(BitNetTrainPreTrainedModel):
+    def __init__(self, config: BitNetTrainConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.rotary_emb = RotaryEmbedding(head_dim, config.rope_parameters["rope_theta"])
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
+        B, T = input_ids.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(position_ids, x.dtype)
+        mask = attention_bias(attention_mask, T, past, x.device)
+        for layer in self.layers:
+            x = layer(x, rope, mask, past_key_values)
+        return self.norm(x)
+
+
+def attention_bias(attention_mask: torch.Tensor | None, T: int, past: int, device) -> torch.Tensor | None:
+    """A boolean (B, 1, T, past+T) mask, or None when SDPA's own causal mask is exact.
+
+    A mask is needed only with padding or when new queries attend to a cache.
+    """
+    if (attention_mask is None or bool(attention_mask.all())) and (past == 0 or T == 1):
+        return None
+    causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+    mask = causal[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, -(past + T):].bool()
+    return mask
+
+
+class BitNetTrainForCausalLM(BitNetTrainPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BitNetTrainConfig):
+        super().__init__(config)
+        self.model = BitNetTrainModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        h = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = None
+        if labels is not None:  # transformers' convention: mean next-token loss
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+
+AutoConfig.register(BitNetTrainConfig.model_type, BitNetTrainConfig)
+AutoModelForCausalLM.register(BitNetTrainConfig, BitNetTrainForCausalLM)

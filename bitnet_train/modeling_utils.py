@@ -1,0 +1,64 @@
+"""Building a model from our config, and loading one from any compatible checkpoint."""
+import json
+import logging
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from .config import ModelConfig
+from .model import BitNetTrainConfig, BitNetTrainForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def model_config(cfg: ModelConfig, tokenizer) -> BitNetTrainConfig:
+    return BitNetTrainConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        quantize=cfg.quantize,
+    )
+
+
+def build_model(cfg: ModelConfig, tokenizer) -> BitNetTrainForCausalLM:
+    model = BitNetTrainForCausalLM(model_config(cfg, tokenizer))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def load_checkpoint_model(path: str | Path, quantize: bool) -> BitNetTrainForCausalLM:
+    """Load our checkpoints or a transformers BitNet one (e.g. the released 2B4T bf16 master
+    weights): the parameter names are the same, only the config class differs."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a model checkpoint directory (no config.json); point init_from at a stage's "
+            "'final' directory or a transformers BitNet checkpoint"
+        )
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("model_type") not in ("bitnet", BitNetTrainConfig.model_type):
+        raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not a BitNet checkpoint")
+    if raw.get("quantization_config", {}).get("quantization_mode") == "offline":
+        raise ValueError(
+            f"{path} holds packed (offline-quantized) weights, which cannot be trained; "
+            "start from the bf16 master weights instead"
+        )
+    hf = AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict()
+    for key in ("model_type", "quantization_config", "architectures", "transformers_version", "quantize"):
+        hf.pop(key, None)
+    config = BitNetTrainConfig(**hf, quantize=quantize)
+    model = BitNetTrainForCausalLM.from_pretrained(path, config=config)
+    log.info("loaded %s (quantize=%s)", path, quantize)
+    return model

@@ -1,0 +1,105 @@
+"""Runs the configured stages in order; each starts from the previous stage's output.
+
+Re-running the same command resumes: finished stages (their `final/` checkpoint verifies) are
+skipped and an interrupted one continues from its last checkpoint.
+"""
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+
+from .checkpoint import CheckpointError, verify_manifest
+from .config import RunConfig
+from .data.tokenizer import load_tokenizer
+from .modeling_utils import build_model, load_checkpoint_model
+from .schedules import validate as validate_schedule
+from .stages import STAGES, build_stage
+from .trainer import RunContext, train
+
+log = logging.getLogger(__name__)
+
+STAGE_ENTRIES = ("pretrain", "sft", "dpo")
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """Everything that can be checked before compute is spent."""
+    for name in cfg.pipeline:
+        if name not in STAGE_ENTRIES:
+            raise ValueError(f"pipeline entry {name!r} is unknown; use some of {list(STAGE_ENTRIES)}")
+        stage = getattr(cfg, name)
+        if stage.kind not in STAGES:
+            raise ValueError(f"{name}.kind={stage.kind!r} is unknown; known: {sorted(STAGES)}")
+        validate_schedule(stage.schedule)
+        if stage.precision not in ("fp32", "bf16"):
+            raise ValueError(f"{name}.precision={stage.precision!r}; use fp32 or bf16")
+        if stage.loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"{name}.loss_reduction={stage.loss_reduction!r}; use mean or sum")
+        if stage.init_from and not Path(stage.init_from).is_dir():
+            raise FileNotFoundError(f"{name}.init_from={stage.init_from} does not exist")
+        if stage.data.seq_len > cfg.model.max_position_embeddings:
+            raise ValueError(
+                f"{name}.data.seq_len={stage.data.seq_len} exceeds model.max_position_embeddings="
+                f"{cfg.model.max_position_embeddings}"
+            )
+
+
+def guard_output_dir(cfg: RunConfig, out: Path, is_main: bool) -> None:
+    """Refuse to resume a run directory that was started with a different config."""
+    saved = out / "run_config.yaml"
+    current = OmegaConf.to_yaml(cfg)
+    if saved.exists():
+        if saved.read_text() != current:
+            raise ValueError(
+                f"{out} holds a run started with a different config ({saved}); "
+                "use a new output_dir, or delete that directory to start over"
+            )
+    elif is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(current)
+
+
+def stage_done(stage_dir: Path) -> bool:
+    try:
+        verify_manifest(stage_dir / "final")
+        return True
+    except CheckpointError:
+        return False
+
+
+def run_pipeline(cfg: RunConfig) -> dict[str, Path]:
+    validate_run(cfg)
+    if cfg.launch.num_threads:
+        torch.set_num_threads(cfg.launch.num_threads)
+    if cfg.launch.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    accelerator = Accelerator()
+    out = Path(cfg.output_dir)
+    guard_output_dir(cfg, out, accelerator.is_main_process)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    outputs: dict[str, Path] = {}
+    previous = None
+    for name in cfg.pipeline:
+        stage_cfg = getattr(cfg, name)
+        stage_dir = out / name
+        if stage_done(stage_dir):
+            log.info("stage %s already finished (%s); skipping", name, stage_dir / "final")
+        else:
+            torch.manual_seed(cfg.seed)
+            init = stage_cfg.init_from or previous
+            model = load_checkpoint_model(init, cfg.model.quantize) if init else build_model(cfg.model, tokenizer)
+            stage = build_stage(stage_cfg.kind, stage_cfg, tokenizer, cfg.seed, model.config.max_position_embeddings)
+            ctx = RunContext(
+                stage_dir=stage_dir,
+                accelerator=accelerator,
+                logging=cfg.logging,
+                seed=cfg.seed,
+                run_name=f"{out.name}-{name}",
+                run_config=asdict(cfg),
+                tokenizer=tokenizer,
+            )
+            train(stage, model, stage_cfg, ctx)
+        previous = outputs[name] = stage_dir / "final"
+    return outputs

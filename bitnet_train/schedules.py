@@ -1,0 +1,60 @@
+"""The two-stage learning-rate and weight-decay schedules of BitNet b1.58.
+
+Ternary training tolerates, and benefits from, a much higher LR than full precision early on;
+halfway through, an abrupt drop to a lower peak (cooldown) gives the S-shaped loss curve's
+large second descent. Weight decay is on in stage 1 and off in stage 2: the latent weights'
+magnitude then acts as a confidence that decay would erode, flipping ternary values.
+"""
+import math
+
+from .config import ScheduleConfig
+
+SHAPES = ("linear", "cosine")
+
+
+def decay(progress: float, shape: str) -> float:
+    """1 at progress 0, 0 at progress 1."""
+    progress = min(max(progress, 0.0), 1.0)
+    if shape == "linear":
+        return 1.0 - progress
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule shape {shape!r}; use one of {SHAPES}")
+
+
+def stage2_step(total_steps: int, cfg: ScheduleConfig) -> int:
+    """First step of stage 2 (== total_steps when there is no stage 2)."""
+    return min(total_steps, round(cfg.stage2_start * total_steps))
+
+
+def two_stage_lr(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+    warmup = min(cfg.warmup_steps, total_steps)
+    drop = stage2_step(total_steps, cfg)
+    if step < warmup:
+        return cfg.lr_peak * (step + 1) / warmup
+    if step < drop:
+        end = cfg.lr_peak * cfg.stage1_end_ratio
+        return end + (cfg.lr_peak - end) * decay((step - warmup) / max(1, drop - warmup), cfg.shape)
+    end = cfg.lr_stage2_peak * cfg.final_ratio
+    return end + (cfg.lr_stage2_peak - end) * decay((step - drop) / max(1, total_steps - drop), cfg.shape)
+
+
+def two_stage_wd(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+    drop = stage2_step(total_steps, cfg)
+    if step >= drop:
+        return cfg.wd_stage2
+    if cfg.wd_shape == "constant":
+        return cfg.wd
+    if cfg.wd_shape == "cosine":  # 2B4T report: a cosine weight-decay schedule peaking at wd
+        return cfg.wd * decay(step / max(1, drop), "cosine")
+    raise ValueError(f"unknown wd_shape {cfg.wd_shape!r}; use constant or cosine")
+
+
+def validate(cfg: ScheduleConfig) -> None:
+    """Fail at start-up, not hours in, on a schedule that cannot be evaluated."""
+    if cfg.shape not in SHAPES:
+        raise ValueError(f"unknown schedule.shape {cfg.shape!r}; use one of {SHAPES}")
+    if cfg.wd_shape not in ("constant", "cosine"):
+        raise ValueError(f"unknown schedule.wd_shape {cfg.wd_shape!r}; use constant or cosine")
+    if not 0.0 < cfg.stage2_start <= 1.0:
+        raise ValueError(f"schedule.stage2_start={cfg.stage2_start} must be in (0, 1]")
