@@ -1,0 +1,225 @@
+"""bitnet_train.kernels.cpu: compiled kernels (both backends, 1 and 2 threads) and fallback."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitnet_train import packing, quant
+from bitnet_train.kernels import cpu
+
+ext = cpu._ext
+CONFIGS = [(backend, threads) for backend in ("avx2", "scalar") for threads in (1, 2)]
+
+
+@pytest.fixture(params=CONFIGS, ids=[f"{b}-{t}thr" for b, t in CONFIGS])
+def native(request):
+    """Routes the door through one compiled backend on a given number of threads."""
+    backend, threads = request.param
+    if ext is None:
+        pytest.skip("bitnet_train._cpu_kernels is not built")
+    if backend not in ext.available_backends():
+        pytest.skip(f"this CPU cannot run the {backend} backend")
+    default_threads = ext.get_num_threads()
+    ext.set_backend(backend)
+    ext.set_num_threads(threads)
+    if cpu.backend() != backend:
+        pytest.skip(f"the door does not route to the compiled {backend} backend on this CPU")
+    yield backend
+    ext.set_backend("auto")
+    ext.set_num_threads(default_threads)
+
+
+@pytest.fixture
+def needs_ext():
+    if ext is None:
+        pytest.skip("bitnet_train._cpu_kernels is not built")
+
+
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def random_qweight(n, k, seed=0):
+    return packing.pack_ternary(torch.randint(-1, 2, (n, k), generator=generator(seed)))
+
+
+def random_activations(m, kpad, seed=1):
+    return torch.randint(-128, 128, (m, kpad), generator=generator(seed), dtype=torch.int8)
+
+
+def assert_quantized_like_quant(x, q, s):
+    q_ref, s_ref = quant.quantize_int8(x)
+    k = x.shape[1]
+    assert q.dtype == torch.int8 and q.shape == (x.shape[0], packing.padded_features(k))
+    assert torch.equal(q[:, :k], q_ref.to(torch.int8))
+    assert not q[:, k:].any(), "padding must be zero"
+    assert torch.equal(s, s_ref.squeeze(-1))  # bitwise: same float32 operations
+
+
+# ---------------------------------------------------------------- activation quantization
+
+
+@pytest.mark.parametrize("m,k", [(1, 1), (1, 7), (17, 33), (3, 300), (2, 1000)])
+def test_quantize_matches_quant_int8(native, m, k):
+    x = torch.randn(m, k, generator=generator(m * k)) * 3
+    assert_quantized_like_quant(x, *cpu.quantize_activations(x))
+
+
+def test_quantize_scale_rounds_like_torch(native):
+    """torch computes 127 / amax as reciprocal(amax) * 127: two roundings, not one division."""
+    x = torch.rand(4096, 40, generator=generator(2)) * 10
+    true_division = np.float32(127) / x.abs().amax(dim=1).clamp(min=quant.EPS).numpy()
+    _, s = cpu.quantize_activations(x)
+    assert (s.numpy() != true_division).any(), "inputs do not tell the two roundings apart"
+    assert torch.equal(s, quant.activation_scale(x).squeeze(-1))
+
+
+def rows_with_ties(amaxes):
+    """Rows holding amax plus values x with x * s exactly k + 0.5 in float32, for many k."""
+    rows, tie_masks = [], []
+    halves = torch.arange(-126, 126) + 0.5
+    for amax in amaxes:
+        s = quant.activation_scale(torch.tensor([[amax]]))[0, 0]
+        cands = torch.cat([halves / s, torch.nextafter(halves / s, halves.sign() * 1e9)])
+        ties = cands[cands * s == torch.cat([halves, halves])]
+        rows.append(torch.cat([torch.tensor([amax]), ties, torch.zeros(300 - 1 - len(ties))]))
+        tie_masks.append(torch.arange(300).ge(1) & torch.arange(300).le(len(ties)))
+    return torch.stack(rows), torch.stack(tie_masks)
+
+
+def test_quantize_rounds_exact_halves_to_even(native):
+    x, is_tie = rows_with_ties([127.0, 100.0, 3.0, 0.7, 12345.0])
+    assert is_tie.sum() > 200, "too few exact ties constructed"
+    q, s = cpu.quantize_activations(x)
+    assert_quantized_like_quant(x, q, s)
+    tie_codes = q[:, :300][is_tie]
+    assert (tie_codes % 2 == 0).all(), "k + 0.5 must round to the even neighbour"
+    floors = torch.floor(x[is_tie] * s.repeat_interleave(is_tie.sum(1)))
+    assert (floors % 2).unique().numel() == 2, "ties between even and odd neighbours both needed"
+
+
+def test_quantize_all_zero_row(native):
+    x = torch.zeros(2, 50)
+    x[1, 3] = -2.0
+    assert_quantized_like_quant(x, *cpu.quantize_activations(x))
+
+
+# ---------------------------------------------------------------- integer matmul
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize("k,n", [(1, 1), (100, 5), (129, 33), (300, 67), (513, 8), (2100, 9)])
+def test_matmul_int_equals_reference(native, m, k, n):
+    qweight = random_qweight(n, k, seed=k + n)
+    a = random_activations(m, packing.padded_features(k), seed=m)
+    out = cpu.ternary_matmul_int(a, qweight)
+    assert out.dtype == torch.int32 and out.shape == (m, n)
+    assert torch.equal(out, cpu.reference_matmul_int(a, qweight))
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("a_value,t", [(-128, 1), (127, 1), (-128, -1), (127, -1), (-128, 0)])
+def test_matmul_int_is_exact_at_int16_extremes(native, m, a_value, t):
+    """Constant rows drive every int16 partial sum to its bound; K spans several flushes."""
+    k, n = 128 * 40, 5
+    a = torch.full((m, k), a_value, dtype=torch.int8)
+    qweight = packing.pack_ternary(torch.full((n, k), t))
+    assert torch.equal(cpu.ternary_matmul_int(a, qweight), torch.full((m, n), a_value * t * k, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------- bitlinear
+
+
+def ternary_layer(n, k, seed=3):
+    w = torch.randn(n, k, generator=generator(seed))
+    codes, s = quant.ternarize(w)
+    return w, packing.pack_ternary(codes), s
+
+
+@pytest.mark.parametrize("shape", [(1, 300), (5, 300), (2, 3, 300)])
+def test_bitlinear_matches_fake_quantized_linear(native, shape):
+    w, qweight, s = ternary_layer(67, 300)
+    x = torch.randn(shape, generator=generator(4))
+    y = cpu.bitlinear(x, qweight, s, 300)
+    expected = F.linear(quant.quantize_activation(x), quant.quantize_weight(w))
+    assert y.shape == expected.shape
+    assert ((y - expected).norm() / expected.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_bitlinear_equals_reference_bitwise(native, m):
+    _, qweight, s = ternary_layer(40, 700)
+    x = torch.randn(m, 700, generator=generator(5))
+    assert torch.equal(cpu.bitlinear(x, qweight, s, 700), cpu.reference_bitlinear(x, qweight, s, 700))
+
+
+# ---------------------------------------------------------------- fallback and errors
+
+
+def fallback_case():
+    _, qweight, s = ternary_layer(33, 200)
+    return torch.randn(4, 200, generator=generator(6)), qweight, s
+
+
+def test_missing_extension_warns_once_and_gives_same_numbers(monkeypatch):
+    x, qweight, s = fallback_case()
+    expected = cpu.bitlinear(x, qweight, s, 200), cpu.quantize_activations(x)
+    monkeypatch.setattr(cpu, "_ext", None)
+    monkeypatch.setattr(cpu, "_warned", False)
+    with pytest.warns(RuntimeWarning, match=r"missing.*pip install -e \."):
+        y = cpu.bitlinear(x, qweight, s, 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = cpu.quantize_activations(x)
+        assert cpu.backend() == "torch"
+    assert torch.equal(y, expected[0])
+    assert all(torch.equal(got, want) for got, want in zip(q, expected[1]))
+
+
+def test_cpu_without_avx2_falls_back_to_torch(monkeypatch, needs_ext):
+    x, qweight, s = fallback_case()
+    expected = cpu.bitlinear(x, qweight, s, 200)
+    monkeypatch.setattr(ext, "available_backends", lambda: ["scalar"])
+    monkeypatch.setattr(cpu, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="lacks AVX2"):
+        assert cpu.backend() == "torch"
+    assert torch.equal(cpu.bitlinear(x, qweight, s, 200), expected)
+
+
+@pytest.mark.parametrize(
+    "a,qweight,message",
+    [
+        (torch.zeros(2, 128), torch.zeros(3, 32, dtype=torch.uint8), "dtype int8"),
+        (torch.zeros(2, 128, dtype=torch.int8), torch.zeros(3, 32, dtype=torch.int8), "dtype uint8"),
+        (torch.zeros(2, 100, dtype=torch.int8), torch.zeros(3, 25, dtype=torch.uint8), "multiple of 128"),
+        (torch.zeros(2, 256, dtype=torch.int8), torch.zeros(3, 32, dtype=torch.uint8), "bytes per row"),
+        (torch.zeros(256, dtype=torch.int8), torch.zeros(3, 64, dtype=torch.uint8), "2-D"),
+    ],
+)
+def test_matmul_int_rejects_bad_arguments(needs_ext, a, qweight, message):
+    with pytest.raises(ValueError, match=message):
+        cpu.ternary_matmul_int(a, qweight)
+
+
+def test_extension_rejects_non_contiguous_arrays(needs_ext):
+    a = np.zeros((256, 2), dtype=np.int8).T
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ext.ternary_gemm_int(a, np.zeros((3, 64), dtype=np.uint8))
+
+
+def test_bitlinear_rejects_mismatched_features(needs_ext):
+    _, qweight, s = ternary_layer(8, 300)
+    with pytest.raises(ValueError, match="in_features"):
+        cpu.bitlinear(torch.randn(2, 299), qweight, s, 300)
+    with pytest.raises(ValueError, match="bytes per row"):
+        cpu.bitlinear(torch.randn(2, 100), qweight, s, 100)
+
+
+def test_settings_reject_unknown_values(needs_ext):
+    with pytest.raises(ValueError, match="unknown backend"):
+        ext.set_backend("gpu")
+    with pytest.raises(ValueError, match="at least 1"):
+        ext.set_num_threads(0)
+    assert "scalar" in ext.available_backends()
