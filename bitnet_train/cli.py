@@ -3,6 +3,7 @@
     bitnet-train [train] recipes=quickstart key=value ...   run the configured pipeline
     bitnet-train train --cfg job recipes=quickstart         print the resolved config
     bitnet-train bench train|kernels                        benchmarks (not tests)
+    bitnet-train export CHECKPOINT --out DIR                packed checkpoints for serving
 """
 import logging
 import sys
@@ -58,7 +59,13 @@ def bench_main(argv: list[str]) -> None:
     main(argv[1:])
 
 
-SUBCOMMANDS = {"train": train_main, "bench": bench_main}
+def export_main(argv: list[str]) -> None:
+    from .export.cli import main
+
+    main(argv)
+
+
+SUBCOMMANDS = {"train": train_main, "bench": bench_main, "export": export_main}
 
 
 def main() -> None:

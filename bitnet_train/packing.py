@@ -4,7 +4,8 @@
 `kernels/cpu` and `kernels/cuda` consume: 2-bit codes u = t + 1, the input dimension padded to a
 multiple of 128 with t = 0, each block of 128 values stored in 32 bytes where byte j holds
 values j, j+32, j+64, j+96 from the low bits up. Other layouts belong here as their own
-pack/unpack pair.
+pack/unpack pair: `pack_ternary_hf` (Hugging Face BitNet, 4 codes per byte along the output
+dimension) and `pack_ternary_base3` (our denser 1.6-bit layout, 5 codes per byte).
 """
 import torch
 
@@ -68,4 +69,84 @@ def unpack_ternary(
     if (u == 3).any():
         raise ValueError("unpack_ternary: packed holds the code 3, which is not t + 1 for any ternary t")
     codes = u.view(out_features, -1)[:, :in_features].to(torch.int8) - 1
+    return codes.to(dtype)
+
+
+def _unpack_error(name: str, what: str) -> ValueError:
+    return ValueError(f"{name}: {what}, which is not t + 1 for any ternary t")
+
+
+# Hugging Face BitNet (transformers/integrations/bitnet.py): u = t + 1, 4 values per byte along
+# dim 0, packed[r, c] = sum_i u[i * out/4 + r, c] << 2 i.
+HF_VALUES_PER_BYTE = 4
+
+
+def pack_ternary_hf(codes: torch.Tensor) -> torch.Tensor:
+    """Pack ternary codes (out, in) into uint8 (out/4, in), transformers' BitNet layout."""
+    if codes.dim() != 2 or codes.shape[0] % HF_VALUES_PER_BYTE:
+        raise ValueError(
+            f"pack_ternary_hf: packs 4 output rows per byte, so codes must be 2-D with out_features "
+            f"divisible by 4; got shape {tuple(codes.shape)}"
+        )
+    _check_ternary(codes)
+    u = (codes.to(torch.int8) + 1).to(torch.uint8)
+    u = u.view(HF_VALUES_PER_BYTE, -1, codes.shape[1])  # (i, r, c) = row i * out/4 + r
+    return (u << _SHIFTS.view(-1, 1, 1)).sum(dim=0, dtype=torch.uint8)
+
+
+def unpack_ternary_hf(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ternary codes (4 * rows, in) of a transformers BitNet packed weight."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(
+            f"unpack_ternary_hf: packed must be a 2-D uint8 tensor, got {packed.dtype} "
+            f"of shape {tuple(packed.shape)}"
+        )
+    u = (packed.unsqueeze(0) >> _SHIFTS.view(-1, 1, 1)) & 3
+    if (u == 3).any():
+        raise _unpack_error("unpack_ternary_hf", "packed holds the code 3")
+    return (u.flatten(0, 1).to(torch.int8) - 1).to(dtype)
+
+
+# Base 3, 5 values per byte (3^5 = 243 <= 256): 1.6 bits per weight against the information limit
+# log2(3) = 1.585. Each row is padded to a multiple of 5 with t = 0; byte k of a row holds
+# u[5k + i] * 3^i, i = 0..4, so a byte is at most 242.
+BASE3_VALUES_PER_BYTE = 5
+_POWERS_OF_3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.uint8)
+
+
+def base3_row_bytes(in_features: int) -> int:
+    """Bytes per output row of a base-3 packed weight: ceil(in_features / 5)."""
+    return -(-in_features // BASE3_VALUES_PER_BYTE)
+
+
+def pack_ternary_base3(codes: torch.Tensor) -> torch.Tensor:
+    """Pack ternary codes (out, in) into uint8 (out, ceil(in/5)), 5 base-3 digits per byte."""
+    if codes.dim() != 2:
+        raise ValueError(f"pack_ternary_base3: codes must be 2-D (out, in), got shape {tuple(codes.shape)}")
+    _check_ternary(codes)
+    out_features, in_features = codes.shape
+    u = (codes.to(torch.int8) + 1).to(torch.uint8)
+    pad = base3_row_bytes(in_features) * BASE3_VALUES_PER_BYTE - in_features
+    u = torch.nn.functional.pad(u, (0, pad), value=1).view(out_features, -1, BASE3_VALUES_PER_BYTE)
+    return (u * _POWERS_OF_3).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_ternary_base3(
+    packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The ternary codes (out, in_features) of a base-3 packed weight."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(
+            f"unpack_ternary_base3: packed must be a 2-D uint8 tensor, got {packed.dtype} "
+            f"of shape {tuple(packed.shape)}"
+        )
+    if packed.shape[1] != base3_row_bytes(in_features):
+        raise ValueError(
+            f"unpack_ternary_base3: in_features={in_features} needs {base3_row_bytes(in_features)} "
+            f"bytes per row, packed has {packed.shape[1]}"
+        )
+    if (packed > 242).any():
+        raise _unpack_error("unpack_ternary_base3", f"packed holds the byte {int(packed.max())} > 3^5 - 1")
+    u = packed.unsqueeze(-1) // _POWERS_OF_3 % 3
+    codes = u.flatten(1)[:, :in_features].to(torch.int8) - 1
     return codes.to(dtype)

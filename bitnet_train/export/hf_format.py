@@ -1,0 +1,56 @@
+"""The Hugging Face BitNet format: loads with `AutoModelForCausalLM.from_pretrained`.
+
+transformers' offline AutoBitLinear (REFERENCE.md section 4) reads `weight` as uint8 (out/4, in),
+4 codes per byte along dim 0, and multiplies its output by `weight_scale`, so weight_scale is
+1/s = mean|W|, the inverse of our quantizer's multiplier. A tied lm_head is left out.
+"""
+from pathlib import Path
+
+from safetensors.torch import save_file
+from transformers import BitNetConfig
+
+from ..checkpoint import CheckpointError
+from ..packing import HF_VALUES_PER_BYTE, pack_ternary_hf
+from .source import TernaryCheckpoint
+
+WEIGHTS = "model.safetensors"
+QUANTIZATION_CONFIG = {
+    "quant_method": "bitnet",
+    "linear_class": "autobitlinear",  # multiplies by weight_scale; plain "bitlinear" divides
+    "quantization_mode": "offline",
+}
+
+
+def check(ckpt: TernaryCheckpoint) -> None:
+    for w in ckpt.ternary:
+        if w.codes.shape[0] % HF_VALUES_PER_BYTE:
+            raise CheckpointError(
+                f"{ckpt.path}: tensor {w.name} has {w.codes.shape[0]} output rows; the Hugging Face BitNet "
+                f"format packs {HF_VALUES_PER_BYTE} rows per byte along dim 0, so out_features must be a "
+                "multiple of 4: choose sizes divisible by 4, or export our own format (own, own-1.6)"
+            )
+
+
+def hf_config(ckpt: TernaryCheckpoint) -> BitNetConfig:
+    fields = ckpt.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "quantize", "dtype", "torch_dtype"):
+        fields.pop(key, None)
+    config = BitNetConfig(**fields)
+    config.architectures = ["BitNetForCausalLM"]
+    config.quantization_config = dict(QUANTIZATION_CONFIG)
+    # The embedding, norms and head are stored unchanged in float32; loading them in another
+    # dtype would change the outputs.
+    config.dtype = "float32"
+    return config
+
+
+def write(ckpt: TernaryCheckpoint, out: Path) -> Path:
+    check(ckpt)
+    tensors = dict(ckpt.full_precision)
+    for w in ckpt.ternary:
+        tensors[w.name] = pack_ternary_hf(w.codes)
+        tensors[f"{w.module}.weight_scale"] = (1.0 / w.scale).reshape(1)
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    hf_config(ckpt).save_pretrained(out)
+    ckpt.tokenizer.save_pretrained(out)
+    return out / WEIGHTS
