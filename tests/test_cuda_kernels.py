@@ -146,6 +146,16 @@ def test_mirror_bitlinear_matches_fake_quant():
     torch.testing.assert_close(y.double(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
+def test_mirror_bitlinear_equals_cpu_door():
+    # Same integers, same single float32 rounding: the CUDA path and the CPU door must agree
+    # bit for bit, so callers cannot tell which backend ran.
+    from bitnet_train.kernels import cpu
+
+    _, qweight, s_w = layer(131, 300, seed=8)
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(ref.bitlinear(x, qweight, s_w, 300), cpu.bitlinear(x, qweight, s_w, 300))
+
+
 def test_gemv_shared_memory_loads_are_conflict_free():
     # An LDS.128 is served in 4 phases of 8 lanes; a phase is conflict-free when its 8 lanes
     # touch 8 different 16-byte bank groups (address / 16 mod 8).
@@ -190,6 +200,30 @@ def test_kernels_compile_for_sm80_and_sm90():
             assert any(kernel in line and arch in line for line in log.splitlines()), (kernel, arch)
 
 
+@pytest.mark.nvcc
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_launchers_reject_bad_arguments_before_touching_the_device(tmp_path):
+    # The library loads without a GPU; its guards answer before any CUDA runtime call.
+    from bitnet_train.kernels import cuda
+
+    lib = cuda.load(cuda.build(tmp_path / "lib.so"))
+    invalid, misaligned = 1, 716  # cudaErrorInvalidValue, cudaErrorMisalignedAddress
+    assert lib.w2a8_error_string(invalid) == b"invalid argument"
+    p, q = 1 << 20, (1 << 20) + 4  # fake device addresses, 16-byte aligned and not
+    for launcher in (lib.w2a8_gemv, lib.w2a8_gemm):
+        ok = dict(q=p, rs=p, sa=p, w=p, ws=p, m=1, n=8, kpad=128, y=p, dot=None)
+        call = lambda **kw: launcher(*{**ok, **kw}.values(), None)  # noqa: E731
+        assert call(kpad=100) == invalid  # not whole 128-value blocks
+        assert call(m=0) == invalid
+        assert call(y=None, dot=None) == invalid  # nothing to write
+        assert call(sa=None) == invalid  # y needs the activation scales
+        assert call(w=q) == misaligned  # 16-byte loads of packed weights
+    quantize = lib.w2a8_quantize_activations
+    assert quantize(p, 0, 2, 300, 256, p, p, p, None) == invalid  # Kpad < K
+    assert quantize(p, 2, 2, 300, 384, p, p, p, None) == invalid  # unknown dtype
+    assert quantize(p, 0, 2, 300, 384, q, p, p, None) == misaligned
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the kernels themselves
 # ---------------------------------------------------------------------------------------------
@@ -223,18 +257,18 @@ def test_gpu_activation_quantization_matches_quant(cuda_door, dtype):
     x = torch.randn(64, 2560, generator=torch.Generator().manual_seed(6)).to(dtype)
     x[1] *= 1e-7
     x[2] = 0.0
-    q, s, row_sum = (t.cpu() for t in cuda_door.quantize_activations(x.cuda()))
+    q, s, row_sum = (t.cpu() for t in cuda_door._quantize(x.cuda()))
     want_q, want_s = quant.quantize_int8(x)
     assert torch.equal(s, want_s[:, 0])
     assert torch.equal(q[:, :2560].float(), want_q)
-    assert torch.equal(row_sum, want_q.sum(dim=1).int())
+    assert torch.equal(row_sum, want_q.sum(dim=1).int())  # the correction the products subtract
 
 
 @gpu
 @needs_gpu
 def test_gpu_activation_quantization_rounds_ties_to_even(cuda_door):
     x = ties_input()
-    q, _, _ = cuda_door.quantize_activations(x.cuda())
+    q, _ = cuda_door.quantize_activations(x.cuda())
     assert torch.equal(q.cpu()[:, :x.shape[1]].float(), quant.quantize_int8(x)[0])
     assert not q.cpu()[:, x.shape[1]:].any()
 

@@ -5,9 +5,11 @@ by kernels/cuda/build.sh into `$BITNET_TRAIN_CACHE` (default ~/.cache/bitnet_tra
 a hash of its sources, and loaded with ctypes. Tensors cross as data pointers; every launch
 runs on torch's current stream, so it orders with the surrounding torch work and never syncs.
 
-    quantize_activations(x)                  -> int8 (M, Kpad), scale (M,), row_sum (M,)
-    ternary_matmul_int(q, qweight)           -> int32 (M, N) = q @ t^T, exact
-    bitlinear(x, qweight, qscale, in_features) -> x @ W_q^T with int8-quantized x, x's dtype
+    quantize_activations(x)                    -> int8 (M, Kpad), s (M,)
+    ternary_matmul_int(a, qweight)             -> int32 (M, N) = a @ t^T, exact
+    bitlinear(x, qweight, qscale, in_features) -> float32 (..., N)
+
+the same signatures and results as bitnet_train.kernels.cpu, on CUDA tensors.
 
 bitnet_train/kernels/cuda_reference.py is the same algorithm on the CPU; the tests compare both.
 """
@@ -92,6 +94,11 @@ def _lib() -> ctypes.CDLL:
     path = library_path()
     if not path.exists():
         build(path)
+    return load(path)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Open a built library and declare its C signatures (no GPU needed for this step)."""
     lib = ctypes.CDLL(str(path))
     lib.w2a8_abi_version.restype = ctypes.c_int
     if lib.w2a8_abi_version() != _ABI_VERSION:
@@ -129,12 +136,17 @@ def _stream(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(torch.cuda.current_stream(t.device).cuda_stream)
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token int8 quantization of x (..., K), float32 or bf16, exactly as quant.quantize_int8.
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (M, Kpad), zero padded, and per-token multipliers s (M,) of x (..., K).
 
-    Returns q int8 (M, Kpad) zero-padded to whole 128-blocks, scale float32 (M,) (s_a, the
-    multiplier) and row_sum int32 (M,) = sum(q), with M the product of x's leading dims.
+    Bit-identical to quant.quantize_int8 (x ~ q / s), for float32 or bf16 x.
     """
+    q, s, _ = _quantize(x)
+    return q, s
+
+
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The quantizer kernel's three outputs: q, s and row_sum int32 (M,) = sum(q)."""
     _require(x, "x", tuple(_X_DTYPES))
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
@@ -196,24 +208,21 @@ def ternary_matmul_int(a_int8: torch.Tensor, qweight: torch.Tensor,
     return dot
 
 
-def bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,
-              in_features: int) -> torch.Tensor:
-    """BitLinear inference on packed weights: (..., in_features) -> (..., out), in x's dtype.
+def bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_features: int) -> torch.Tensor:
+    """BitLinear's inference forward, float32 (..., N), for x (..., in_features) on the GPU.
 
-    Equals quant.py's fake-quantized F.linear(q/s_a, t/s_w) up to float rounding: the integer
-    part is exact and y = dot / (s_w * s_a) is rounded once, in float32.
+    Equals F.linear(quant.quantize_activation(x), quant.quantize_weight(W)) up to float32
+    rounding, for qweight = packing.pack_ternary(codes) and qscale = s of quant.ternarize(W)
+    (a float, or a one-element tensor; keep it on the GPU to avoid a copy per call).
     """
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the layer has in_features={in_features}")
-    q, a_scale, row_sum = quantize_activations(x)
+    q, a_scale, row_sum = _quantize(x)
     _check_weight(qweight, q.shape[1], x.device)
     if qweight.shape[1] != packed_row_bytes(in_features):
         raise ValueError(f"qweight rows have {qweight.shape[1]} bytes, in_features={in_features} "
                          f"needs {packed_row_bytes(in_features)}")
-    _require(qscale, "qscale", (torch.float32,))
-    if qscale.numel() != 1 or qscale.device != x.device:
-        raise ValueError(f"qscale must be one float32 on {x.device}, got {qscale.numel()} values "
-                         f"on {qscale.device}")
+    w_scale = torch.as_tensor(qscale, dtype=torch.float32, device=x.device).reshape(1)
     y = torch.empty(q.shape[0], qweight.shape[0], dtype=torch.float32, device=x.device)
-    _product(q, row_sum, a_scale, qweight, qscale.contiguous(), y, None)
-    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+    _product(q, row_sum, a_scale, qweight, w_scale, y, None)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
