@@ -1,0 +1,115 @@
+"""Built-in instruction tasks whose answers a program can check, for SFT, DPO and evaluation.
+
+Each task draws an instruction, its correct answer and a plausible wrong answer (off by one,
+one swapped pair, the input left unreversed...). SFT trains on the correct answers, DPO on
+(correct, wrong) pairs, and evaluation checks greedy generations against the correct answer.
+
+Items are separated by spaces ("a b c", "3 1 2") so that each is one token of a byte-level
+BPE: the tasks then test the model, not the tokenizer's merges.
+
+Held-out split: an instruction is held out when a hash of its text says so, so the split does
+not depend on the seed or on how many examples each stage asks for. SFT, DPO and the final
+report therefore share one held-out set that no stage trains on.
+"""
+import random
+import zlib
+from dataclasses import dataclass
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+HELD_OUT_EVERY = 10  # one instruction in ten is held out
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    task: str
+    instruction: str
+    answer: str
+    wrong: str  # a plausible wrong answer: the rejected reply of a preference pair
+
+
+def _spaced(items) -> str:
+    return " ".join(str(x) for x in items)
+
+
+def _swap_adjacent(items: list, rng: random.Random) -> list:
+    """The same items with one adjacent pair exchanged (the pair must differ)."""
+    pairs = [i for i in range(len(items) - 1) if items[i] != items[i + 1]]
+    out = list(items)
+    i = rng.choice(pairs)
+    out[i], out[i + 1] = out[i + 1], out[i]
+    return out
+
+
+def addition(rng: random.Random) -> TaskExample:
+    a, b = rng.randrange(50), rng.randrange(50)
+    wrong = a + b + rng.choice([-10, -1, 1, 10])
+    wrong = wrong if wrong >= 0 else a + b + 1
+    return TaskExample("addition", f"What is {a} + {b}?", str(a + b), str(wrong))
+
+
+def reversal(rng: random.Random) -> TaskExample:
+    letters = rng.sample(LETTERS, rng.randint(3, 6))
+    backwards = letters[::-1]
+    wrong = letters if rng.random() < 0.5 else _swap_adjacent(backwards, rng)
+    return TaskExample("reversal", f"Reverse the letters: {_spaced(letters)}", _spaced(backwards), _spaced(wrong))
+
+
+def sorting(rng: random.Random) -> TaskExample:
+    digits = [rng.randrange(10) for _ in range(rng.randint(3, 6))]
+    while len(set(digits)) < 2:  # a constant list has no wrong order
+        digits = [rng.randrange(10) for _ in range(len(digits))]
+    ordered = sorted(digits)
+    wrong = sorted(digits, reverse=True) if rng.random() < 0.5 else _swap_adjacent(ordered, rng)
+    return TaskExample("sorting", f"Sort the numbers: {_spaced(digits)}", _spaced(ordered), _spaced(wrong))
+
+
+def counting(rng: random.Random) -> TaskExample:
+    letters = [rng.choice(LETTERS) for _ in range(rng.randint(2, 9))]
+    wrong = len(letters) + rng.choice([-1, 1])
+    return TaskExample("counting", f"Count the letters: {_spaced(letters)}", str(len(letters)), str(wrong))
+
+
+def maximum(rng: random.Random) -> TaskExample:
+    numbers = rng.sample(range(100), rng.randint(3, 5))
+    wrong = rng.choice([n for n in numbers if n != max(numbers)])
+    return TaskExample(
+        "maximum", f"What is the largest of {_spaced(numbers)}?", str(max(numbers)), str(wrong)
+    )
+
+
+TASKS = (addition, reversal, sorting, counting, maximum)
+
+
+def is_held_out(instruction: str) -> bool:
+    return zlib.crc32(instruction.encode()) % HELD_OUT_EVERY == 0
+
+
+def task_examples(n: int, held_out: bool, seed: int) -> list[TaskExample]:
+    """`n` distinct examples of the chosen split, cycling through the tasks; deterministic."""
+    rng = random.Random(f"chat-tasks-{seed}-{held_out}")
+    seen: set[str] = set()
+    out: list[TaskExample] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 1000 * (n + 1):
+            raise ValueError(f"could not draw {n} distinct {'held-out' if held_out else 'training'} task examples")
+        ex = TASKS[len(out) % len(TASKS)](rng)
+        if ex.instruction in seen or is_held_out(ex.instruction) != held_out:
+            continue
+        seen.add(ex.instruction)
+        out.append(ex)
+    return out
+
+
+def chat_messages(ex: TaskExample, reply: str | None = None) -> list[dict]:
+    """The example as a conversation: the instruction, then `reply` (default: the answer)."""
+    return [
+        {"role": "user", "content": ex.instruction},
+        {"role": "assistant", "content": ex.answer if reply is None else reply},
+    ]
+
+
+def preference_pair(ex: TaskExample) -> tuple[list[dict], str, str]:
+    """(prompt messages, chosen reply, rejected reply): the correct answer against the wrong one."""
+    return chat_messages(ex)[:-1], ex.answer, ex.wrong
