@@ -34,7 +34,7 @@ def model_config(cfg: ModelConfig, tokenizer) -> BitNetTrainConfig:
 def build_model(cfg: ModelConfig, tokenizer) -> BitNetTrainForCausalLM:
     model = BitNetTrainForCausalLM(model_config(cfg, tokenizer))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model
 
 

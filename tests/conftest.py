@@ -1,0 +1,24 @@
+import pytest
+
+# A model and data small enough that a pretraining run takes seconds on a 2-core CPU.
+TINY = [
+    "logging=off",
+    "logging.progress_bar=false",
+    "logging.plot=false",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "pretrain.data.seq_len=32",
+    "pretrain.micro_batch_size=8",
+    "pretrain.schedule.warmup_steps=2",
+    "pretrain.schedule.lr_peak=3e-3",
+    "pretrain.schedule.lr_stage2_peak=1.5e-3",
+    "pretrain.eval_batches=4",
+]
+
+
+@pytest.fixture
+def tiny_overrides():
+    return list(TINY)

@@ -1,0 +1,70 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from bitnet_train import cli
+from bitnet_train.cli import compose_config
+from bitnet_train.config import RunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_config_is_typed():
+    cfg = compose_config([])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.pretrain.optim.betas == [0.9, 0.95]
+    assert cfg.sft.loss_reduction == "sum" and cfg.dpo.dpo_beta == 0.1
+
+
+@pytest.mark.parametrize("size", ["tiny", "125m", "700m", "1.3b", "3b", "2b4t"])
+def test_every_named_size_composes(size):
+    cfg = compose_config([f"model={size}"])
+    assert cfg.model.hidden_size % cfg.model.num_attention_heads == 0
+    assert cfg.model.num_attention_heads % cfg.model.num_key_value_heads == 0
+
+
+def test_2b4t_matches_the_report():
+    m = compose_config(["model=2b4t"]).model
+    assert (m.hidden_size, m.intermediate_size, m.num_hidden_layers) == (2560, 6912, 30)
+    assert (m.num_attention_heads, m.num_key_value_heads, m.rope_theta) == (20, 5, 500000.0)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")))
+def test_every_recipe_composes(recipe):
+    compose_config([f"recipes={recipe}"])
+
+
+def test_mistyped_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException, match="pretrain.schedule.lr_pek"):
+        compose_config(["pretrain.schedule.lr_pek=1e-3"])
+
+
+def test_wrong_type_fails_naming_the_key():
+    with pytest.raises(ConfigCompositionException, match="pretrain.max_steps=lots") as err:
+        compose_config(["pretrain.max_steps=lots"])
+    assert isinstance(err.value.__cause__, ValidationError)
+    assert "could not be converted to Integer" in str(err.value.__cause__)
+
+
+def test_mistyped_key_in_a_yaml_file_fails(tmp_path, monkeypatch):
+    recipe_dir = tmp_path / "recipes"
+    recipe_dir.mkdir()
+    (recipe_dir / "typo.yaml").write_text("# @package _global_\npretrain:\n  micro_batch_sise: 4\n")
+    monkeypatch.setattr(cli, "SEARCHPATH", f"hydra.searchpath=[file://{ROOT},file://{tmp_path}]")
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["recipes=typo"])
+    assert "full_key: pretrain.micro_batch_sise" in str(err.value)
+
+
+def test_cli_reports_a_typo_before_any_compute(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "bitnet_train.cli", "pretrain.max_step=3", f"output_dir={tmp_path}/run"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert out.returncode != 0
+    assert "pretrain.max_step" in out.stderr
+    assert not (tmp_path / "run" / "pretrain").exists()
