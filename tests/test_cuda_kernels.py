@@ -167,9 +167,11 @@ def test_gemv_shared_memory_loads_are_conflict_free():
 
 
 def test_gemm_fragment_loads_are_conflict_free():
-    a, b = ref.gemm_smem_word_offsets()
-    for offsets in (*a, *b):  # one 32-bit load per lane: 32 lanes, 32 different banks
-        assert len(set(((offsets // 4) % 32).tolist())) == 32
+    a, b = ref.gemm_smem_offsets()
+    for matrix in a.view(4, 8):  # ldmatrix: 8 rows of 16 bytes per phase, 8 bank groups
+        assert len(set(((matrix // 16) % 8).tolist())) == 8
+    for words in b:  # one 32-bit load per lane: 32 lanes, 32 different banks
+        assert len(set(((words // 4) % 32).tolist())) == 32
 
 
 # ---------------------------------------------------------------------------------------------

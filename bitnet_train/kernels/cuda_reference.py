@@ -148,23 +148,27 @@ def mma_m16n8k32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Ten
     return c + d[:, :, cr, cc].to(torch.int32)
 
 
-# The kernel's A fragment loads, written out independently of the PTX layout model above:
-# registers 0..3 of lane (g, i) come from (row, k) = (g, 4i), (g+8, 4i), (g, 4i+16), (g+8, 4i+16)
-# of the m16 tile and k32 step; (32 lanes, 4 registers, 4 bytes).
-GEMM_A_ROW = torch.stack([_G, _G + 8, _G, _G + 8], dim=1)[:, :, None].expand(WARP, 4, 4)
-GEMM_A_COL = torch.stack([_I4, _I4, _I4 + 16, _I4 + 16], dim=1)[:, :, None] + _BYTE
+# The kernel's A fragment load, ldmatrix.x4, modelled independently of the mma layout above:
+# lane l supplies the address of tile row l%16, byte 16*(l/16); matrix j (an 8x8 b16 = 8 rows of
+# 16 int8) is made of the rows addressed by lanes 8j..8j+7, and register j of lane l holds bytes
+# 4(l%4)..4(l%4)+3 of that matrix's row l/4. Tables: (32 lanes, 4 registers, 4 bytes).
+LDSM_ROW, LDSM_COL = _LANE & 15, 16 * (_LANE >> 4)
+_SRC_LANE = 8 * torch.arange(4)[None, :] + _G[:, None]  # (32, 4): who addressed my register j
+GEMM_A_ROW = LDSM_ROW[_SRC_LANE][:, :, None].expand(WARP, 4, 4)
+GEMM_A_COL = LDSM_COL[_SRC_LANE][:, :, None] + _I4[:, None, None] + _BYTE
 GEMM_A_STRIDE = GEMM_BK + 16  # shared-memory row strides, padded against bank conflicts
 GEMM_B_STRIDE = GEMM_BK // 4 + 16
 
 
-def gemm_smem_word_offsets() -> tuple[torch.Tensor, torch.Tensor]:
-    """Byte offsets of each lane's 32-bit fragment loads within a warp's slice of the smem tiles.
+def gemm_smem_offsets() -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte offsets of a warp's shared-memory fragment loads (k32 step 0, first tiles).
 
-    A: (4 registers, 32 lanes) at k32 step 0; B: (2 words lo/hi, 32 lanes) for one n8 tile.
+    A: the 32 ldmatrix row addresses (each a 16-byte row, served 8 per phase); B: (2, 32) the
+    lo/hi 32-bit weight words of each lane for one n8 tile.
     """
-    a = GEMM_A_ROW[:, :, 0] * GEMM_A_STRIDE + GEMM_A_COL[:, :, 0]
+    a = LDSM_ROW * GEMM_A_STRIDE + LDSM_COL
     b = _G[:, None] * GEMM_B_STRIDE + _I4[:, None] + torch.tensor([0, 16])
-    return a.T, b.T
+    return a, b.T
 
 
 def gemm_dot(q: torch.Tensor, row_sum: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:

@@ -136,26 +136,35 @@ w2a8_gemv_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_s
 #pragma unroll
     for (int r = 0; r < kGemvRows; ++r) acc[r] = 0;
 
+    // Consecutive lanes read consecutive 16-byte chunks of a row: every warp load is coalesced.
+    // Weights are read once per token, so they stream past L1 (ld.global.cs, evict-first).
+    auto load_chunk = [&](uint4 (&w)[kGemvRows], const uint8_t* wtile, int c) {
+#pragma unroll
+        for (int r = 0; r < kGemvRows; ++r)
+            w[r] = row0 + r < N
+                       ? __ldcs(reinterpret_cast<const uint4*>(wtile + (row0 + r) * row_bytes) + c)
+                       : make_uint4(0, 0, 0, 0);
+    };
+    const bool active = row0 < N;  // warps past N join the barriers but compute nothing
+
     for (int k0 = 0; k0 < Kpad; k0 += kGemvKTile) {
         const int kt = min(kGemvKTile, Kpad - k0);
+        const int chunks = kt / 64;
+        const uint8_t* wtile = qweight + k0 / 4;
+        // Issue the first weight loads before staging the activations, so their DRAM latency
+        // overlaps the staging and the barriers instead of following them.
+        uint4 w[kGemvRows];
+        if (active && lane < chunks) load_chunk(w, wtile, lane);
+
         __syncthreads();  // every warp is done reading the previous tile
         for (int i = threadIdx.x * 16; i < kt; i += kGemvWarps * 32 * 16)
             *reinterpret_cast<int4*>(act + i) = *reinterpret_cast<const int4*>(qr + k0 + i);
         __syncthreads();
 
-        const uint8_t* wtile = qweight + k0 / 4;
-        const int chunks = kt / 64;
-        // Warps past N take part in the barriers above but have nothing to compute.
-        for (int c = lane; row0 < N && c < chunks; c += 32) {
-            uint4 w[kGemvRows];
-#pragma unroll
-            for (int r = 0; r < kGemvRows; ++r) {
-                // Consecutive lanes read consecutive 16-byte chunks of a row: fully coalesced.
-                // Weights are read once per token: stream them past L1 (evict-first).
-                w[r] = row0 + r < N
-                           ? __ldcs(reinterpret_cast<const uint4*>(wtile + (row0 + r) * row_bytes) + c)
-                           : make_uint4(0, 0, 0, 0);
-            }
+        for (int c = lane; active && c < chunks; c += 32) {
+            // Software pipeline: the next chunk's loads are in flight while this one computes.
+            uint4 w_next[kGemvRows] = {};
+            if (c + 32 < chunks) load_chunk(w_next, wtile, c + 32);
             const int8_t* ablk = act + (c >> 1) * 128 + (c & 1) * 16;
 #pragma unroll
             for (int t = 0; t < 4; ++t) {
@@ -170,6 +179,8 @@ w2a8_gemv_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_s
                     acc[r] = __dp4a(int((w[r].w >> sh) & kCodeMask), a4.w, acc[r]);
                 }
             }
+#pragma unroll
+            for (int r = 0; r < kGemvRows; ++r) w[r] = w_next[r];
         }
     }
 
@@ -203,11 +214,15 @@ w2a8_gemv_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_s
 // ---------------------------------------------------------------------------------------------
 constexpr int kBM = 64, kBN = 128, kBK = 128;
 constexpr int kWarpsM = 2, kWarpsN = 4, kGemmThreads = kWarpsM * kWarpsN * 32;
-// Row strides padded by 16 bytes so the fragment loads are conflict-free: a warp reads rows
-// g = 0..7 at word offset i = 0..3, i.e. banks (36g + i) mod 32 (A) or (12g + i) mod 32 (B),
-// all 32 distinct. 16 keeps every row start 16-byte aligned for cp.async.
+constexpr int kStages = 3;  // cp.async pipeline depth: two K steps in flight while one computes
+// Row strides padded by 16 bytes so the fragment loads are conflict-free. A: ldmatrix reads 8
+// rows of 16 bytes per phase at stride 144 = 9 x 16, i.e. 8 distinct bank groups. B: a warp
+// reads 32-bit words of rows g = 0..7 at word i = 0..3, banks (12g + i) mod 32, all distinct.
+// 16 keeps every row start 16-byte aligned for cp.async and ldmatrix.
 constexpr int kAStride = kBK + 16;       // 144 bytes
 constexpr int kBStride = kBK / 4 + 16;   // 48 bytes
+constexpr int kStageBytes = kBM * kAStride + kBN * kBStride;  // 15360
+static_assert(kStages * kStageBytes <= 48 * 1024, "static shared memory limit");
 static_assert(kBM * kBK / 16 == 2 * kGemmThreads, "A tile: two 16-byte copies per thread");
 static_assert(kBN * kBK / 4 / 16 == kGemmThreads, "B tile: one 16-byte copy per thread");
 
@@ -218,8 +233,20 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
                  "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() {
-    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Four 8x8 b16 matrices = the 16x32 int8 A fragment of m16n8k32 in one instruction. Lane l
+// gives the address of row l%16, byte 16*(l/16) of the tile; register j of lane (g, i) then
+// holds bytes 4i..4i+3 of row g of matrix j: (g, 4i), (g+8, 4i), (g, 16+4i), (g+8, 16+4i),
+// exactly the a0..a3 registers mma expects.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row_addr));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
 }
 
 __device__ __forceinline__ void mma_s8_m16n8k32(int (&c)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -240,8 +267,8 @@ w2a8_gemm_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_s
                  const float* __restrict__ a_scale, const uint8_t* __restrict__ qweight,
                  const float* __restrict__ w_scale, int M, int N, int Kpad,
                  float* __restrict__ y, int32_t* __restrict__ dot) {
-    __shared__ __align__(16) int8_t As[2][kBM * kAStride];    // 2 x 9216 B
-    __shared__ __align__(16) uint8_t Bs[2][kBN * kBStride];   // 2 x 6144 B
+    __shared__ __align__(16) int8_t As[kStages][kBM * kAStride];    // 3 x 9216 B
+    __shared__ __align__(16) uint8_t Bs[kStages][kBN * kBStride];   // 3 x 6144 B
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, i4 = 4 * (lane & 3);  // mma groupID, 4 * threadID_in_group
@@ -264,7 +291,6 @@ w2a8_gemm_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_s
         const uint8_t* src = ok ? qweight + int64_t(n0 + r) * row_bytes + kb * (kBK / 4) + h * 16
                                 : qweight;
         cp_async16(&Bs[buf][r * kBStride + h * 16], src, ok);
-        cp_async_commit();
     };
 
     int acc[2][4][4];
@@ -275,15 +301,22 @@ w2a8_gemm_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_s
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0;
 
+    // One commit group per K step, empty past the end, so "all but the newest kStages-2 groups
+    // complete" always means "tile kb has landed".
     const int nkb = Kpad / kBK;
-    load_tile(0, 0);
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) {
+        if (st < nkb) load_tile(st, st);
+        cp_async_commit();
+    }
     for (int kb = 0; kb < nkb; ++kb) {
-        const int buf = kb & 1;
-        cp_async_wait_all();
+        const int buf = kb % kStages;
+        cp_async_wait<kStages - 2>();
         // One barrier does two jobs: tile kb is visible to all warps, and all warps have
         // finished reading tile kb-1, whose buffer the next copy overwrites.
         __syncthreads();
-        if (kb + 1 < nkb) load_tile(kb + 1, buf ^ 1);
+        if (kb + kStages - 1 < nkb) load_tile(kb + kStages - 1, (kb + kStages - 1) % kStages);
+        cp_async_commit();
 
         uint32_t wlo[4], whi[4];
 #pragma unroll
@@ -296,14 +329,9 @@ w2a8_gemm_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_s
         for (int s = 0; s < 4; ++s) {
             uint32_t af[2][4];
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-                // Rows g and g+8, k = 32s + i4 (+16): the m16n8k32 A fragment layout.
-                const int8_t* p = &As[buf][(wm * 32 + mt * 16 + g) * kAStride + 32 * s + i4];
-                af[mt][0] = *reinterpret_cast<const uint32_t*>(p);
-                af[mt][1] = *reinterpret_cast<const uint32_t*>(p + 8 * kAStride);
-                af[mt][2] = *reinterpret_cast<const uint32_t*>(p + 16);
-                af[mt][3] = *reinterpret_cast<const uint32_t*>(p + 8 * kAStride + 16);
-            }
+            for (int mt = 0; mt < 2; ++mt)
+                ldmatrix_x4(af[mt], &As[buf][(wm * 32 + mt * 16 + (lane & 15)) * kAStride +
+                                             32 * s + 16 * (lane >> 4)]);
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) {
                 const uint32_t b0 = (wlo[nt] >> (2 * s)) & kCodeMask;
