@@ -114,7 +114,6 @@ def write(ckpt: TernaryCheckpoint, out: Path, qtype: GGMLQuantizationType) -> Pa
 
 def add_architecture(writer: gguf.GGUFWriter, ckpt: TernaryCheckpoint, qtype: GGMLQuantizationType) -> None:
     c = ckpt.config
-    writer.add_name(ckpt.path.resolve().parent.name or "bitnet-train")
     writer.add_file_type(FILE_TYPES[qtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(c.vocab_size)

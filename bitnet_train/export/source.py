@@ -110,7 +110,10 @@ def load_training_model(path: Path) -> tuple[BitNetTrainForCausalLM, Path]:
             model = BitNetTrainForCausalLM(BitNetTrainConfig.from_pretrained(config_dir))
             load_model(model, str(path / "model.safetensors"))
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"cannot read the weights of {path}: {e}; the file is truncated or corrupt") from e
+        raise CheckpointError(
+            f"cannot read the weights of {path}: {e}; the file is truncated or corrupt, or it does not belong "
+            f"with {config_dir / 'config.json'}"
+        ) from e
     return model.eval(), config_dir
 
 
