@@ -86,14 +86,15 @@ def gemv_dot(q: torch.Tensor, row_sum: torch.Tensor, qweight: torch.Tensor) -> t
     for k0 in range(0, kpad, GEMV_K_TILE):
         kt = min(GEMV_K_TILE, kpad - k0)
         act = q[:, k0:k0 + kt].to(torch.int32)  # the shared-memory tile
-        chunks = kt // 64
+        chunks = kt // (4 * GEMV_CHUNK_BYTES)  # 4 codes per byte
         c = torch.arange(chunks)
         lane = c % WARP  # chunks per tile are a multiple of 32, so this is also the global lane
         w = _words(qweight[:, k0 // 4:k0 // 4 + kt // 4]).view(n, chunks, 4)  # one uint4 per chunk
         for t in range(4):
             s = gemv_shift(t, lane)
-            codes = _bytes_of((w >> (2 * s).to(torch.int32)[None, :, None]) & CODE_MASK).view(n, chunks, 16)
-            a = act[:, gemv_act_offset(c, s)[:, None] + torch.arange(16)]  # (M, chunks, 16)
+            shift = (2 * s).to(torch.int32)[None, :, None]
+            codes = _bytes_of((w >> shift) & CODE_MASK).view(n, chunks, GEMV_CHUNK_BYTES)
+            a = act[:, gemv_act_offset(c, s)[:, None] + torch.arange(GEMV_CHUNK_BYTES)]
             # Four dp4a per (row, chunk): sum of 16 code x activation products into the lane.
             part = (codes[None] * a[:, None]).sum(dim=-1, dtype=torch.int32)  # (M, N, chunks)
             acc.index_add_(2, lane, part)

@@ -39,7 +39,7 @@ cudaError_t w2a8_gemv(const int8_t* q, const int32_t* row_sum, const float* a_sc
                       const uint8_t* qweight, const float* w_scale, int64_t M, int64_t N,
                       int64_t Kpad, float* y, int32_t* dot, cudaStream_t stream);
 
-// The same product for many tokens (prefill): 64x128 tiles, cp.async double buffering and int8
+// The same product for many tokens (prefill): 64x128 tiles, a 3-stage cp.async pipeline, int8
 // tensor-core mma.sync m16n8k32 (sm_80+) fed directly from the packed words. Same arguments.
 cudaError_t w2a8_gemm(const int8_t* q, const int32_t* row_sum, const float* a_scale,
                       const uint8_t* qweight, const float* w_scale, int64_t M, int64_t N,
