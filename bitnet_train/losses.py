@@ -12,3 +12,42 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
     )
     return loss, int((targets != IGNORE).sum())
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sum of next-token log-probabilities over labels != -100: log p(reply | prompt)."""
+    targets = labels[:, 1:]
+    token_nll = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE, reduction="none"
+    )
+    return -token_nll.sum(dim=1)
+
+
+def dpo_sigmoid_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sigmoid DPO (Rafailov et al. 2023) summed over pairs, and reward metrics summed over pairs.
+
+    loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), each term a sequence log-prob.
+
+    TRL 1.16 has this loss only inline in `DPOTrainer._compute_loss`, a method that needs a trainer
+    instance and a model returning TRL's fused-head outputs (`log_probs`, `entropy`...), so it
+    cannot be called from our loop. This is the same expression, written in the same order as
+    TRL's, and tests/test_dpo.py checks the two agree. The metrics are TRL's rewards/* ones.
+    """
+    chosen_logratios = policy_chosen - ref_chosen
+    rejected_logratios = policy_rejected - ref_rejected
+    loss = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+    }
+    return loss.sum(), metrics

@@ -54,6 +54,9 @@ class Stage(Protocol):
 
     def final_metrics(self, model) -> dict: ...
 
+    # Optional: `bind_model(model)` receives the starting weights, already on the training device
+    # and before a resume overwrites them (DPO copies its frozen reference from them).
+
 
 @dataclass
 class RunContext:
@@ -120,6 +123,8 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
     )
     wrapped, optimizer = acc.prepare(model, optimizer)
     model = acc.unwrap_model(wrapped)
+    if hasattr(stage, "bind_model"):
+        stage.bind_model(model)
     ckpt = Checkpointer(ctx.stage_dir / "checkpoints", cfg.keep_checkpoints)
     logger = MetricsLogger(
         ctx.stage_dir / "metrics.jsonl", ctx.logging, ctx.run_name, ctx.run_config, enabled=acc.is_main_process

@@ -1,7 +1,9 @@
 """Stages differ by data and loss only; `build_stage` maps a stage kind to its class."""
+from .dpo import DPOStage
 from .pretrain import PretrainStage
+from .sft import SFTStage
 
-STAGES = {"pretrain": PretrainStage}
+STAGES = {"pretrain": PretrainStage, "sft": SFTStage, "dpo": DPOStage}
 
 
 def build_stage(kind: str, cfg, tokenizer, seed: int, max_seq_len: int):

@@ -1,0 +1,70 @@
+"""Direct preference optimisation (sigmoid loss) against a frozen copy of the starting model.
+
+2B4T report section 3.3: beta 0.1, LR 2e-7, 2 epochs, the reference being the SFT model. The
+reference is a copy of the weights this stage starts from, taken before any resume, frozen
+(no gradients, eval mode) and never handed to the optimizer. Policy and reference are the same
+class, so both run with ternary fake-quantized weights and int8 activations.
+
+A unit is a preference pair: with loss_reduction=mean (the default here, as in TRL) the update is
+the gradient of the mean pair loss over the global batch. Chosen and rejected replies of a
+micro-batch go through the model as one batch; only the reply's tokens count in the log-probs.
+"""
+import copy
+
+import torch
+
+from ..config import StageConfig
+from ..data.chat import collate, encode_pairs, preference_splits, require_assistant_mask
+from ..data.sources import DataError
+from ..losses import dpo_sigmoid_loss, sequence_logps
+from ..trainer import LossOutput
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+class DPOStage:
+    kind = "dpo"
+
+    def __init__(self, cfg: StageConfig, tokenizer, seed: int, max_seq_len: int):
+        if cfg.data.seq_len > max_seq_len:
+            raise DataError(
+                f"dpo data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings={max_seq_len}"
+            )
+        require_assistant_mask(tokenizer)
+        self.beta = cfg.dpo_beta
+        self.pad_id = tokenizer.pad_token_id
+        self.pairs = {
+            split: encode_pairs(tokenizer, zip(ds["prompt"], ds["chosen"], ds["rejected"]), cfg.data.seq_len, f"dpo {split}")
+            for split, ds in preference_splits(cfg.data, seed).items()
+        }
+        self.train_size = len(self.pairs["train"])
+        self.eval_size = len(self.pairs["validation"])
+        self.reference = None
+
+    def bind_model(self, model: torch.nn.Module) -> None:
+        self.reference = frozen_copy(model)
+
+    def batch(self, split: str, indices: torch.Tensor) -> dict:
+        pairs = [self.pairs[split][i] for i in indices.tolist()]
+        return collate([c for c, _ in pairs] + [r for _, r in pairs], self.pad_id)  # chosen first, then rejected
+
+    def units(self, batch: dict) -> float:
+        return batch["input_ids"].shape[0] // 2
+
+    def loss(self, model, batch: dict) -> LossOutput:
+        if self.reference is None:
+            raise RuntimeError("DPOStage.loss called before bind_model(): the reference model is missing")
+        device = next(model.parameters()).device
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        policy_chosen, policy_rejected = sequence_logps(model(ids).logits, labels).chunk(2)
+        with torch.no_grad():
+            ref_chosen, ref_rejected = sequence_logps(self.reference(ids).logits, labels).chunk(2)
+        loss_sum, metrics = dpo_sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta)
+        return LossOutput(loss_sum, len(policy_chosen), metrics)
+
+    def final_metrics(self, model) -> dict:
+        return {}
