@@ -203,8 +203,11 @@ def ternary_matmul_int(a_int8: torch.Tensor, qweight: torch.Tensor,
     a = a_int8.contiguous()
     if row_sum is None:
         row_sum = a.sum(dim=1, dtype=torch.int32)
+    elif row_sum.shape != (a.shape[0],):
+        raise ValueError(f"row_sum must have shape ({a.shape[0]},), got {tuple(row_sum.shape)}")
+    row_sum = row_sum.to(device=a.device, dtype=torch.int32).contiguous()
     dot = torch.empty(a.shape[0], qweight.shape[0], dtype=torch.int32, device=a.device)
-    _product(a, row_sum.to(torch.int32).contiguous(), None, qweight, None, None, dot, kernel)
+    _product(a, row_sum, None, qweight, None, None, dot, kernel)
     return dot
 
 
