@@ -363,3 +363,8 @@ def test_a_failed_export_leaves_nothing_half_written(final, tmp_path, monkeypatc
         export(final, tmp_path, "own,gguf-tq1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["own"]  # complete, the failed one absent
     verify_manifest(tmp_path / "own")
+
+
+def test_an_export_is_not_taken_for_a_training_checkpoint(out, tmp_path):
+    with pytest.raises(CheckpointError, match=r"already a packed export"):
+        export(out / "own", tmp_path, "own")

@@ -72,7 +72,7 @@ def check(ckpt: TernaryCheckpoint, qtype: GGMLQuantizationType) -> None:
             raise CheckpointError(
                 f"{ckpt.path}: tensor {w.name} has in_features={w.codes.shape[1]}, but {qtype.name} packs rows in "
                 f"blocks of {block}: GGUF needs hidden and intermediate sizes that are multiples of {block} "
-                "(2B4T's are); for this model export our own format (own, own-1.6) or hf"
+                "(2B4T's are); for this model use --formats own,own-1.6,hf"
             )
         inv = float(1.0 / w.scale)
         if not FP16_MIN_NORMAL <= inv <= FP16_MAX:
@@ -139,7 +139,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     n = len(tokenizer)
     if n > vocab_size:
         raise CheckpointError(f"the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}")
-    special = set(tokenizer.all_special_ids)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(n)]
     # Embedding rows past the tokenizer (a padded vocabulary) still need a token each.

@@ -15,10 +15,9 @@ from ..checkpoint import CheckpointError, verify_manifest
 from ..model import BitNetTrainConfig, BitNetTrainForCausalLM
 from ..packing import pack_ternary, pack_ternary_base3, unpack_ternary, unpack_ternary_base3
 from ..quant import BitLinear, quantize_activation, straight_through
-from .source import TernaryCheckpoint
+from .source import PACKED_FORMAT, TernaryCheckpoint
 
 WEIGHTS = "model.safetensors"
-FORMAT_NAME = "bitnet-train-packed"
 # layout name (stored in the safetensors metadata) -> pack, unpack(packed, in_features, dtype)
 LAYOUTS = {
     "2bit": (pack_ternary, unpack_ternary),
@@ -32,7 +31,7 @@ def write(ckpt: TernaryCheckpoint, out: Path, layout: str) -> Path:
     for w in ckpt.ternary:
         tensors[f"{w.module}.qweight"] = pack(w.codes)
         tensors[f"{w.module}.qscale"] = w.scale.reshape(1)
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT_NAME, "layout": layout})
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": PACKED_FORMAT, "layout": layout})
     ckpt.config.save_pretrained(out)
     ckpt.tokenizer.save_pretrained(out)
     return out / WEIGHTS
@@ -60,9 +59,9 @@ def load_packed_model(directory: str | Path) -> BitNetTrainForCausalLM:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != FORMAT_NAME or meta.get("layout") not in LAYOUTS:
+            if meta.get("format") != PACKED_FORMAT or meta.get("layout") not in LAYOUTS:
                 raise CheckpointError(
-                    f"{path} is not a {FORMAT_NAME} file (metadata {meta}); export it again with bitnet-train export"
+                    f"{path} is not a {PACKED_FORMAT} file (metadata {meta}); export it again with bitnet-train export"
                 )
             _, unpack = LAYOUTS[meta["layout"]]
             state = {}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -21,6 +21,7 @@ from ..quant import BitLinear, ternarize
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+PACKED_FORMAT = "bitnet-train-packed"  # the safetensors metadata of our own format (own_format.py)
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,15 @@ def load_training_model(path: Path) -> tuple[BitNetTrainForCausalLM, Path]:
         raise CheckpointError(f"{path} holds neither config.json nor model.safetensors: it is not a checkpoint")
     require_ternary(config_dir)
     try:
+        refuse_packed(path / "model.safetensors")
         if config_dir == path:
             model = load_checkpoint_model(path, quantize=True)
         else:
             model = BitNetTrainForCausalLM(BitNetTrainConfig.from_pretrained(config_dir))
             load_model(model, str(path / "model.safetensors"))
-    except (SafetensorError, OSError, RuntimeError) as e:
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, RuntimeError) as e:  # a shape mismatch is a RuntimeError
         raise CheckpointError(
             f"cannot read the weights of {path}: {e}; the file is truncated or corrupt, or it does not belong "
             f"with {config_dir / 'config.json'}"
@@ -125,6 +129,18 @@ def require_ternary(config_dir: Path) -> None:
             f"{config_dir / 'config.json'} says quantize=false: that model was trained in full precision, "
             "and ternary packing would change its outputs; export a ternary (quantize=true) run"
         )
+
+
+def refuse_packed(weights: Path) -> None:
+    """An export's config.json is the training config: transformers would load it with random weights."""
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), framework="pt") as f:
+        if (f.metadata() or {}).get("format") == PACKED_FORMAT:
+            raise CheckpointError(
+                f"{weights} is already a packed export, not a training checkpoint; export the stage's "
+                "final/ or checkpoints/step_N/ directory it came from"
+            )
 
 
 def load_tokenizer(directory: Path, checkpoint: Path) -> PreTrainedTokenizerBase:
