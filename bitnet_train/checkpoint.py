@@ -70,8 +70,9 @@ def verify_manifest(directory: Path) -> None:
 
 def atomic_directory(final: Path, fill) -> None:
     """Run fill(tmp_dir), checksum it, then rename it to `final` in one step."""
+    for stale in final.parent.glob(f"{final.name}.tmp-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         fill(tmp)
@@ -98,6 +99,11 @@ class Checkpointer:
         self.dir = Path(directory)
         self.keep = max(1, keep)
 
+    def remove_partial(self) -> None:
+        """Delete temporaries a killed save left behind (they never became checkpoints)."""
+        for tmp in self.dir.glob(f"{PREFIX}*.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def steps(self) -> list[Path]:
         found = [p for p in self.dir.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
         return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
@@ -116,13 +122,23 @@ class Checkpointer:
         return path
 
     def latest_valid(self) -> Path | None:
-        """The newest checkpoint whose checksums verify; corrupt ones are named and skipped."""
-        for path in reversed(self.steps()):
+        """The newest checkpoint whose checksums verify; corrupt ones are named and skipped.
+
+        None means "start fresh" and is only returned when there are no checkpoints at all:
+        if every one is bad, silently restarting would throw the run's progress away.
+        """
+        steps = self.steps()
+        for path in reversed(steps):
             try:
                 verify_manifest(path)
                 return path
             except CheckpointError as e:
                 log.warning("skipping a bad checkpoint: %s; falling back to the previous one", e)
+        if steps:
+            raise CheckpointError(
+                f"every checkpoint in {self.dir} is corrupt or incomplete (see the warnings above); "
+                f"restore them from a backup, or delete {self.dir} to start this stage over"
+            )
         return None
 
     @staticmethod

@@ -4,13 +4,19 @@
     bitnet-train train --cfg job recipes=quickstart         print the resolved config
     bitnet-train bench train|kernels                        benchmarks (not tests)
     bitnet-train export CHECKPOINT --out DIR                packed checkpoints for serving
+    bitnet-train -m recipes=sweep_lr_drop                   a Hydra sweep (docs/launch.md)
+    bitnet-train sweep-summary MULTIRUN_DIR                 a sweep's results: table and plot
+    bitnet-train estimate --gpus 64 --days 30               memory per GPU and throughput for 2B4T
 """
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .config import RunConfig, register_configs
@@ -33,18 +39,55 @@ def compose_config(overrides: list[str]) -> RunConfig:
     return to_run_config(cfg)
 
 
+def place_sweep_job(cfg: DictConfig) -> None:
+    """In a sweep, each job trains in its own Hydra job directory (hydra.sweep.dir/N) and logs
+    to wandb as its own run, grouped by the sweep unless logging.group says otherwise."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    cfg.output_dir = hydra_cfg.runtime.output_dir
+    if cfg.logging.group is None:
+        cfg.logging.group = Path(hydra_cfg.sweep.dir).name
+
+
+def rank_overrides(argv: list[str]) -> list[str]:
+    """Hydra runs on every rank of a multi-process launch: only rank 0 keeps Hydra's outputs
+    (.hydra/, the job log), and every rank must be told the same output_dir, since each would
+    resolve the default `runs/${now:...}` on its own clock."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return []
+    if not any(arg.startswith("output_dir=") for arg in argv) or any(arg in ("-m", "--multirun") for arg in argv):
+        raise SystemExit(
+            "a multi-process launch needs an explicit output_dir=PATH (the same on every rank) and no -m; "
+            "see docs/launch.md"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
 def train_main(argv: list[str]) -> None:
     register_configs()
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-    def _run(cfg: DictConfig) -> None:
+    def _run(cfg: DictConfig) -> float | None:
         from .pipeline import run_pipeline
+        from .sweep import final_val_loss
+        from .trainer import TrainingStopped
 
-        outputs = run_pipeline(to_run_config(cfg))
+        place_sweep_job(cfg)
+        try:
+            outputs = run_pipeline(to_run_config(cfg))
+        except TrainingStopped as stopped:  # a deliberate stop, not a crash: no traceback
+            print(f"bitnet-train: {stopped}", file=sys.stderr)
+            raise SystemExit(stopped.exit_code)
         for name, path in outputs.items():
             print(f"{name}: {path}")
+        # The task's value: what a sweeper (Optuna) minimizes.
+        return final_val_loss(Path(cfg.output_dir))
 
-    sys.argv = [sys.argv[0], SEARCHPATH, *argv]
+    # Ours go last: Hydra's flags (-m, --cfg job) must come before the overrides.
+    sys.argv = [sys.argv[0], *argv, SEARCHPATH, *rank_overrides(argv)]
     _run()
 
 
@@ -65,7 +108,25 @@ def export_main(argv: list[str]) -> None:
     main(argv)
 
 
-SUBCOMMANDS = {"train": train_main, "bench": bench_main, "export": export_main}
+def sweep_summary_main(argv: list[str]) -> None:
+    from .sweep import main
+
+    main(argv)
+
+
+def estimate_main(argv: list[str]) -> None:
+    from .estimate import main
+
+    main(argv)
+
+
+SUBCOMMANDS = {
+    "train": train_main,
+    "bench": bench_main,
+    "export": export_main,
+    "sweep-summary": sweep_summary_main,
+    "estimate": estimate_main,
+}
 
 
 def main() -> None:

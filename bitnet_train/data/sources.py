@@ -45,7 +45,8 @@ def load_splits(cfg: DataConfig, builtin: DatasetDict | None = None) -> DatasetD
     return DatasetDict(train=split["train"], validation=split["test"])
 
 
-def _load_files(cfg: DataConfig) -> DatasetDict:
+def check_files(cfg: DataConfig) -> list[Path]:
+    """The configured local files, each present, non-empty and of one known kind."""
     if not cfg.files:
         raise DataError("data.source=files needs data.files=[path, ...]")
     paths = [Path(p).expanduser() for p in cfg.files]
@@ -59,7 +60,12 @@ def _load_files(cfg: DataConfig) -> DatasetDict:
         raise DataError(
             f"data.files must all have one of the suffixes {sorted(FILE_BUILDERS)}; got {sorted(suffixes)}"
         )
-    builder = FILE_BUILDERS[suffixes.pop()]
+    return paths
+
+
+def _load_files(cfg: DataConfig) -> DatasetDict:
+    paths = check_files(cfg)
+    builder = FILE_BUILDERS[paths[0].suffix]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     return load_dataset(builder, data_files={"train": [str(p) for p in paths]}, **kwargs)
 
