@@ -10,9 +10,18 @@ pairs) and the number of units. The update for one global batch is the gradient 
 with N = the global number of units for `mean` and N = 1 for `sum`. N is counted before the
 forward, over all micro-batches and ranks, so the update does not depend on how the global
 batch is split into micro-batches or ranks.
+
+Sharded engines (FSDP, DeepSpeed ZeRO; launch/accelerate/*.yaml). The loop is the same; three
+things differ, each behind `shards_state(acc)`: checkpoints are written and read by every rank
+through accelerate (which knows each engine's format), the final model is gathered into a full
+state dict first, and DeepSpeed owns accumulation, clipping and the optimizer step, with its
+values taken from the stage config. Single-process and DDP runs take none of these paths.
 """
+import json
 import logging
 import math
+import os
+import shutil
 import signal
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,10 +29,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from accelerate import Accelerator
+import torch.distributed as dist
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpointer, CheckpointError, atomic_directory
+from .checkpoint import PREFIX, Checkpointer, CheckpointError, atomic_directory, write_manifest
 from .config import LoggingConfig, StageConfig
 from .data.stream import BatchStream
 from .metrics import MetricsLogger
@@ -121,10 +131,19 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
     optimizer = torch.optim.AdamW(
         decay_mask_groups(model), lr=0.0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0
     )
+    check_world_size(acc)
+    sharded = shards_state(acc)
+    if sharded:
+        # One Accelerator serves every stage; drop the previous stage's model and optimizer so
+        # this stage's checkpoints (accelerate's save_state) hold this stage's objects only.
+        acc.free_memory()
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(acc, cfg)
+    if hasattr(stage, "bind_model"):
+        # Before prepare: a sharding engine would hand the stage a sharded model to copy.
+        stage.bind_model(model.to(acc.device))
     wrapped, optimizer = acc.prepare(model, optimizer)
     model = acc.unwrap_model(wrapped)
-    if hasattr(stage, "bind_model"):
-        stage.bind_model(model)
     ckpt = Checkpointer(ctx.stage_dir / "checkpoints", cfg.keep_checkpoints)
     logger = MetricsLogger(
         ctx.stage_dir / "metrics.jsonl", ctx.logging, ctx.run_name, ctx.run_config, enabled=acc.is_main_process
@@ -133,7 +152,7 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
     start = 0
     resume_from = ckpt.latest_valid()
     if resume_from is not None:
-        saved = Checkpointer.load(resume_from, model, optimizer)
+        saved = load_sharded_checkpoint(acc, resume_from) if sharded else Checkpointer.load(resume_from, model, optimizer)
         stream.load_state_dict(saved["stream"])
         state["nonfinite_skips"] = saved["nonfinite_skips"]
         start = saved["step"]
@@ -143,8 +162,11 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
     def save(step: int) -> None:
         if not all_finite(model):
             raise CheckpointError("refusing to save non-finite weights; the last good checkpoint is kept")
-        if acc.is_main_process:
-            ckpt.save(step, model, optimizer, {"stream": stream.state_dict(), **state, "total_steps": steps})
+        trainer_state = {"stream": stream.state_dict(), **state, "total_steps": steps}
+        if sharded:
+            save_sharded_checkpoint(acc, ckpt, step, trainer_state)
+        elif acc.is_main_process:
+            ckpt.save(step, model, optimizer, trainer_state)
         acc.wait_for_everyone()
 
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -166,14 +188,14 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
                 with sync, autocast:
                     out = stage.loss(wrapped, batch)
                 # DDP averages gradients over ranks; scaling by the rank count makes that a sum.
-                acc.backward(out.loss_sum * (acc.num_processes / normalizer))
+                backward(acc, wrapped, out.loss_sum * (acc.num_processes / normalizer), i == len(batches) - 1)
                 for k, v in {"loss": out.loss_sum, **out.metrics}.items():
                     totals[k] = totals.get(k, 0.0) + v.detach().float()
             grad_norm = acc.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
             record = {k: global_sum(acc, v) / units for k, v in totals.items()}
             finite = math.isfinite(record["loss"]) and math.isfinite(float(grad_norm))
             if finite:
-                optimizer.step()
+                optimizer.step()  # a no-op under DeepSpeed, which stepped in backward(); skips are counted only
             else:
                 state["nonfinite_skips"] += 1
                 log.warning("step %d: non-finite loss or gradient; skipped (%d so far)", step, state["nonfinite_skips"])
@@ -191,7 +213,7 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
                     f"in stage {stage.kind}; saved step {done}. Lower the LR or check the data, then resume."
                 )
             if done % cfg.eval_every == 0 or done == steps:
-                val = evaluate(stage, model, cfg, acc, autocast)
+                val = evaluate(stage, wrapped if sharded else model, cfg, acc, autocast)
                 logger.log({"step": done, **val})
                 wrapped.train()
             if done % cfg.save_every == 0 or done == steps:
@@ -203,11 +225,13 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
                     f"stopped by signal {stop.signum} at step {done}; run the same command to resume"
                 )
     bar.close()
+    # Sharded weights are gathered by every rank together; the others pass None and save nothing.
+    full_state = acc.get_state_dict(wrapped) if sharded else None
     if acc.is_main_process:
         final = stage.final_metrics(model)
         if final:
             logger.log({"step": steps, **final})
-        save_final(model, ctx.tokenizer, ctx.stage_dir / "final")
+        save_final(model, ctx.tokenizer, ctx.stage_dir / "final", full_state)
         if ctx.logging.plot:
             plot_training(ctx.stage_dir / "metrics.jsonl", ctx.stage_dir / "loss.png", f"{ctx.run_name}: {stage.kind}")
     logger.finish()
@@ -227,6 +251,14 @@ def evaluate(stage: Stage, model, cfg: StageConfig, acc: Accelerator, autocast) 
     """Validation loss (and perplexity) over the first eval_batches micro-batches, sharded over ranks."""
     model.eval()
     n_batches = min(cfg.eval_batches, math.ceil(stage.eval_size / cfg.micro_batch_size))
+    if shards_state(acc):
+        # Every forward of a sharded model is collective: each rank must run as many as the others.
+        n_batches -= n_batches % acc.num_processes
+        if n_batches == 0:
+            raise ValueError(
+                f"eval_batches={cfg.eval_batches} (or the validation split) gives fewer micro-batches than the "
+                f"{acc.num_processes} ranks of a sharded run; raise eval_batches to at least {acc.num_processes}"
+            )
     totals: dict[str, float] = {}
     units = 0.0
     for b in range(acc.process_index, n_batches, acc.num_processes):
@@ -243,11 +275,81 @@ def evaluate(stage: Stage, model, cfg: StageConfig, acc: Accelerator, autocast) 
     return record
 
 
-def save_final(model, tokenizer, path: Path) -> None:
-    """The stage's output: a transformers checkpoint directory with the tokenizer beside it."""
+def save_final(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    """The stage's output: a transformers checkpoint directory with the tokenizer beside it.
+    `state_dict`: the full weights of a sharded model (its own parameters hold one shard)."""
 
     def fill(tmp: Path):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
     atomic_directory(path, fill)
+
+
+def shards_state(acc: Accelerator) -> bool:
+    """FSDP and DeepSpeed split weights, gradients or optimizer states over ranks, so saving,
+    loading and evaluating are collective."""
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def check_world_size(acc: Accelerator) -> None:
+    """Batch sharding and loss scaling trust acc.num_processes; a launcher that starts several
+    ranks while accelerate counts one would silently train every rank on the whole batch."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != acc.num_processes:
+        raise RuntimeError(
+            f"torch.distributed has {dist.get_world_size()} ranks but accelerate reports num_processes="
+            f"{acc.num_processes}; launch with a config from launch/accelerate/ (see docs/launch.md)"
+        )
+
+
+def configure_deepspeed(acc: Accelerator, cfg: StageConfig) -> None:
+    """DeepSpeed owns micro-batching, accumulation and clipping; the stage config sets them
+    (launch/deepspeed/*.json leave them "auto"), so every launch mode trains the same recipe."""
+    if cfg.optim.grad_clip <= 0:
+        raise ValueError("DeepSpeed reports the gradient norm only when it clips: set optim.grad_clip > 0")
+    acc.state.deepspeed_plugin.deepspeed_config.update(
+        train_micro_batch_size_per_gpu=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        train_batch_size=cfg.micro_batch_size * cfg.grad_accum * acc.num_processes,
+        gradient_clipping=cfg.optim.grad_clip,
+    )
+
+
+def backward(acc: Accelerator, wrapped, loss: torch.Tensor, last_micro_batch: bool) -> None:
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        acc.backward(loss)
+        return
+    # The DeepSpeed engine reduces and steps at the boundary we mark. Our loss is already scaled
+    # for the whole global batch, so DeepSpeed must not divide it by its accumulation steps again.
+    wrapped.set_gradient_accumulation_boundary(last_micro_batch)
+    wrapped.backward(loss, scale_wrt_gas=False)
+    if last_micro_batch:
+        wrapped.step()  # reduce, clip to optim.grad_clip, AdamW step, zero the gradients
+
+
+def save_sharded_checkpoint(acc: Accelerator, ckpt: Checkpointer, step: int, trainer_state: dict) -> Path:
+    """Every rank writes its part with accelerate's save_state (FSDP: the full state, gathered;
+    DeepSpeed: its ZeRO partitions); rank 0 adds the trainer state and the manifest and renames
+    the directory, so, as in Checkpointer.save, a checkpoint exists completely or not at all."""
+    final = ckpt.dir / f"{PREFIX}{step:08d}"
+    tmp = final.with_name(f"{final.name}.tmp-sharded")  # one name for all ranks (not a pid)
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        write_manifest(tmp)  # checksums the top-level files; engine sub-directories are not listed
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in ckpt.steps()[: -ckpt.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_sharded_checkpoint(acc: Accelerator, path: Path) -> dict:
+    acc.load_state(str(path))
+    return json.loads((path / "trainer_state.json").read_text())
