@@ -77,19 +77,25 @@ def format_reports(reports: list[SizeReport]) -> str:
     return "\n".join(lines)
 
 
-def ternary_shapes(config: BitNetTrainConfig) -> list[tuple[int, int]]:
-    """(out, in) of every BitLinear, read off the model built on the meta device (no memory)."""
+def meta_model(config: BitNetTrainConfig) -> BitNetTrainForCausalLM:
+    """The model's structure without its memory: parameters on the meta device."""
     with torch.device("meta"):
-        model = BitNetTrainForCausalLM(config)
-    return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, BitLinear)]
+        return BitNetTrainForCausalLM(config)
+
+
+def ternary_shapes(config: BitNetTrainConfig) -> list[tuple[int, int]]:
+    """(out, in) of every BitLinear."""
+    return [tuple(m.weight.shape) for m in meta_model(config).modules() if isinstance(m, BitLinear)]
 
 
 def non_embedding_bytes(config: BitNetTrainConfig, row_bytes) -> float:
-    """Packed codes + one float32 scale per BitLinear + float32 RMSNorm weights."""
-    ternary = sum(out * row_bytes(n) + 4 for out, n in ternary_shapes(config))
-    h, i = config.hidden_size, config.intermediate_size
-    norms = 4 * (config.num_hidden_layers * (3 * h + i) + h)  # input, attn_sub, post_attn, ffn_sub; final
-    return ternary + norms
+    """Packed codes and a float32 scale per BitLinear, every other non-embedding parameter (the
+    RMSNorms) in float32: what our format stores, counted off the model's structure."""
+    model = meta_model(config)
+    ternary = {id(m.weight): tuple(m.weight.shape) for m in model.modules() if isinstance(m, BitLinear)}
+    packed = sum(out * row_bytes(n) + 4 for out, n in ternary.values())
+    rest = sum(p.numel() for n, p in model.named_parameters() if id(p) not in ternary and n not in EMBEDDING_NAMES)
+    return packed + 4 * rest
 
 
 def model_config(name: str, vocab_size: int) -> BitNetTrainConfig:
