@@ -368,3 +368,22 @@ def test_a_failed_export_leaves_nothing_half_written(final, tmp_path, monkeypatc
 def test_an_export_is_not_taken_for_a_training_checkpoint(out, tmp_path):
     with pytest.raises(CheckpointError, match=r"already a packed export"):
         export(out / "own", tmp_path, "own")
+
+
+def test_gguf_pre_tokenizer_is_named_for_llama_cpp_or_refused():
+    llama3 = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": gguf_format.LLAMA3_REGEX}, "behavior": "Isolated"},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+    assert gguf_format.pre_tokenizer_name(llama3) == "llama-bpe"
+    assert gguf_format.pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}) == "gpt-2"
+    with pytest.raises(CheckpointError, match="unknown pre-tokenizer.*own or hf"):
+        gguf_format.pre_tokenizer_name({"type": "Whitespace"})
+
+
+def test_gguf_pads_a_vocabulary_larger_than_the_tokenizer(tokenizer):
+    writer = gguf.GGUFWriter(None, gguf_format.ARCH)
+    gguf_format.add_tokenizer(writer, tokenizer, len(tokenizer) + 2)
+    kv = writer.kv_data[0]
+    assert kv["tokenizer.ggml.tokens"].value[-3:] == [tokenizer.convert_ids_to_tokens(len(tokenizer) - 1),
+                                                      f"[PAD{len(tokenizer)}]", f"[PAD{len(tokenizer) + 1}]"]
+    assert kv["tokenizer.ggml.token_type"].value[-1] == gguf.TokenType.UNUSED
