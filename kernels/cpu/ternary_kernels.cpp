@@ -126,8 +126,10 @@ constexpr int64_t kFlushBlocks = 16;
 static_assert(4 * kFlushBlocks * 2 * 2 * 128 <= 32768 && 4 * kFlushBlocks * 2 * 2 * 127 <= 32767,
               "int16 accumulators could overflow");
 
-// Far enough ahead to cover DRAM latency when a GEMV streams its weights.
-constexpr int64_t kPrefetchBytes = 1024;
+// A GEMV streams its weights from DRAM, where the hardware prefetcher alone leaves the loop
+// stalling (measured: ~4.5 -> ~7 GB/s per core with this). The distance covers the latency at
+// ~10 GB/s per core with margin; 1-8 KB measured alike.
+constexpr int64_t kPrefetchBytes = 2048;
 
 BITNET_AVX2 int32_t hsum(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -141,12 +143,13 @@ BITNET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const uint8_t* w, int64
                            int64_t blocks, int32_t* dots) {
   const __m256i low2 = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc32[Rows][Cols];
-  for (auto& row : acc32) std::fill(row, row + Cols, _mm256_setzero_si256());
+  for (int i = 0; i < Rows; ++i) std::fill(dots + i * kMaxTile, dots + i * kMaxTile + Cols, 0);
 
   for (int64_t b0 = 0; b0 < blocks; b0 += kFlushBlocks) {
-    __m256i acc16[Rows][Cols];
-    for (auto& row : acc16) std::fill(row, row + Cols, _mm256_setzero_si256());
+    __m256i acc[Rows][Cols];  // int16 lanes
+    for (int i = 0; i < Rows; ++i) {
+      for (int j = 0; j < Cols; ++j) acc[i][j] = _mm256_setzero_si256();
+    }
     const int64_t b1 = std::min(blocks, b0 + kFlushBlocks);
     for (int64_t b = b0; b < b1; ++b) {
       for (int j = 0; j < Cols; ++j) {
@@ -158,17 +161,15 @@ BITNET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const uint8_t* w, int64
           for (int i = 0; i < Rows; ++i) {
             const int8_t* ab = a + i * lda + b * kBlockValues + s * kBlockBytes;
             const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ab));
-            acc16[i][j] = _mm256_add_epi16(acc16[i][j], _mm256_maddubs_epi16(u, av));
+            acc[i][j] = _mm256_add_epi16(acc[i][j], _mm256_maddubs_epi16(u, av));
           }
         }
       }
     }
+    // Widening and reducing once per kFlushBlocks blocks costs next to nothing.
     for (int i = 0; i < Rows; ++i) {
-      for (int j = 0; j < Cols; ++j) acc32[i][j] = _mm256_add_epi32(acc32[i][j], _mm256_madd_epi16(acc16[i][j], ones));
+      for (int j = 0; j < Cols; ++j) dots[i * kMaxTile + j] += hsum(_mm256_madd_epi16(acc[i][j], ones));
     }
-  }
-  for (int i = 0; i < Rows; ++i) {
-    for (int j = 0; j < Cols; ++j) dots[i * kMaxTile + j] = hsum(acc32[i][j]);
   }
 }
 
