@@ -11,6 +11,7 @@ codes are exact, the per-tensor scale is rounded to 11 significant bits (relativ
 2^-11 = 4.9e-4, the same for every block of a tensor). `quantize_exact` checks exactly that.
 """
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -22,8 +23,12 @@ from gguf import GGMLQuantizationType, MODEL_TENSOR, TENSOR_NAMES
 from ..checkpoint import CheckpointError, verify_manifest
 from .source import TernaryCheckpoint
 
+log = logging.getLogger(__name__)
+
 WEIGHTS = "model.gguf"
-ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BITNET]  # "bitnet"; RoPE there is rotate-half (NEOX), as ours
+# "bitnet": RoPE there is rotate-half (NEOX), as ours; but upstream's graph computes the FFN with
+# SiLU, not ReLU², which no GGUF key can change (docs/formats.md).
+ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BITNET]
 QTYPES = {"tq2": GGMLQuantizationType.TQ2_0, "tq1": GGMLQuantizationType.TQ1_0}
 FILE_TYPES = {GGMLQuantizationType.TQ2_0: gguf.LlamaFileType.MOSTLY_TQ2_0,
               GGMLQuantizationType.TQ1_0: gguf.LlamaFileType.MOSTLY_TQ1_0}
@@ -97,6 +102,11 @@ def quantize_exact(w, qtype: GGMLQuantizationType) -> np.ndarray:
 
 def write(ckpt: TernaryCheckpoint, out: Path, qtype: GGMLQuantizationType) -> Path:
     check(ckpt, qtype)
+    if not ckpt.config.tie_word_embeddings:
+        log.warning(
+            "%s has an untied lm_head: it is written as output.weight, but upstream llama.cpp's bitnet graph "
+            "uses token_embd as the head and ignores it (docs/formats.md)", ckpt.path
+        )
     path = out / WEIGHTS
     writer = gguf.GGUFWriter(path, ARCH)
     add_architecture(writer, ckpt, qtype)
