@@ -387,3 +387,10 @@ def test_gguf_pads_a_vocabulary_larger_than_the_tokenizer(tokenizer):
     assert kv["tokenizer.ggml.tokens"].value[-3:] == [tokenizer.convert_ids_to_tokens(len(tokenizer) - 1),
                                                       f"[PAD{len(tokenizer)}]", f"[PAD{len(tokenizer) + 1}]"]
     assert kv["tokenizer.ggml.token_type"].value[-1] == gguf.TokenType.UNUSED
+
+
+def test_gguf_export_checks_the_quantizer_gives_back_codes_times_fp16_scale(ckpt, monkeypatch):
+    quantize = gguf.quants.quantize
+    monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: quantize(data * 0.9, qtype))
+    with pytest.raises(CheckpointError, match=r"q_proj.weight: gguf's TQ1_0 quantizer did not give back"):
+        gguf_format.quantize_exact(ckpt.ternary[0], gguf.GGMLQuantizationType.TQ1_0)

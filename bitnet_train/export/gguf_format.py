@@ -21,7 +21,7 @@ import torch
 from gguf import GGMLQuantizationType, MODEL_TENSOR, TENSOR_NAMES
 
 from ..checkpoint import CheckpointError, verify_manifest
-from .source import TernaryCheckpoint
+from .source import TernaryCheckpoint, TernaryWeight
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def check(ckpt: TernaryCheckpoint, qtype: GGMLQuantizationType) -> None:
             )
 
 
-def quantize_exact(w, qtype: GGMLQuantizationType) -> np.ndarray:
+def quantize_exact(w: TernaryWeight, qtype: GGMLQuantizationType) -> np.ndarray:
     """TQ blocks of W_q = codes / s, checked to dequantize to exactly codes * fp16(1/s)."""
     packed = gguf.quants.quantize((w.codes.float() / w.scale).numpy(), qtype)
     expected = w.codes.float().numpy() * np.float32(np.float16(1.0 / w.scale))
