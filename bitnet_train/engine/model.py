@@ -1,0 +1,159 @@
+"""The inference model: the training model's function (model.py) on the integer kernels.
+
+Per layer and token the maths is model.py's, line for line: RMSNorm in float32, q/k/v, RoPE
+(rotate-half), GQA attention over the cache, attn_sub_norm, o_proj, the ReLU² gated FFN with its
+sub-norm. Only the BitLinears differ: instead of float matmuls of fake-quantized tensors, the
+activations are quantized to int8 once per token, multiplied exactly with the packed ternary
+codes, and rescaled by 1 / (s_w * s_a). That is the same number up to float32 rounding.
+
+The kernels come from one narrow door, chosen by device: bitnet_train.kernels.cuda on a GPU,
+bitnet_train.kernels.cpu otherwise (compiled AVX2 / scalar, or its pure-torch fallback). The two
+doors have the same functions, so this file never asks which one runs.
+"""
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import cpu as cpu_door
+from ..model import RotaryEmbedding, apply_rope
+from .weights import EngineWeights, LayerWeights, TernaryLinear, load_weights
+
+
+def default_device() -> torch.device:
+    """A GPU when the CUDA door can run there, else the CPU."""
+    from ..kernels import cuda
+
+    return torch.device("cuda") if cuda.is_available() else torch.device("cpu")
+
+
+def door_for(device: torch.device):
+    if device.type == "cuda":
+        from ..kernels import cuda
+
+        return cuda
+    if device.type != "cpu":
+        raise ValueError(f"the engine runs on the CPU or a CUDA GPU, not {device}")
+    return cpu_door
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.RMSNorm's operations in the same order (the engine runs in float32 throughout)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once for `max_tokens` positions.
+
+    Shapes (layers, batch, kv_heads, max_tokens, head_dim); `length` positions are filled.
+    Preallocation keeps decode free of the per-token concatenations a growing cache would do.
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_tokens: int, head_dim: int, device):
+        shape = (layers, batch, kv_heads, max_tokens, head_dim)
+        self.k = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.v = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.length = 0
+
+    @property
+    def max_tokens(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values at the positions after `length`; return all filled ones."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Engine:
+    """Prefill and decode of an exported BitNet b1.58 model on the ternary kernels."""
+
+    def __init__(self, weights: EngineWeights, device: str | torch.device | None = None):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.door = door_for(self.device)
+        self.weights = weights.to(self.device)
+        c = self.config = weights.config
+        self.n_heads, self.n_kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim = c.hidden_size // c.num_attention_heads
+        self.eps = c.rms_norm_eps
+        self.rotary = RotaryEmbedding(self.head_dim, c.rope_parameters["rope_theta"]).to(self.device)
+
+    @classmethod
+    def from_export(cls, directory: str | Path, head_dtype: str = "fp32", device=None) -> "Engine":
+        return cls(load_weights(directory, head_dtype), device)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weights.embed.shape[0]
+
+    def new_cache(self, batch: int, max_tokens: int) -> KVCache:
+        return KVCache(len(self.weights.layers), batch, self.n_kv_heads, max_tokens, self.head_dim, self.device)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """float32 logits (B, T or logits_to_keep, vocab) of token ids (B, T).
+
+        With a cache, the tokens continue the cached sequence (positions cache.length...) and are
+        appended to it; without one, they are a whole sequence from position 0.
+        """
+        ids = ids.to(self.device)
+        B, T = ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_tokens:
+            raise ValueError(f"the KV cache holds {cache.max_tokens} tokens; {past} are used and {T} more do not "
+                             "fit: allocate a larger one with new_cache")
+        positions = torch.arange(past, past + T, device=self.device).expand(B, T)
+        rope = self.rotary(positions, torch.float32)
+        x = self.weights.embed[ids]
+        for i, layer in enumerate(self.weights.layers):
+            x = self._layer(i, layer, x, rope, cache)
+        if cache is not None:
+            cache.length = past + T
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        h = rms_norm(x, self.weights.norm, self.eps)
+        return self.weights.head(h.reshape(-1, h.shape[-1])).view(B, h.shape[1], -1)
+
+    __call__ = forward
+
+    def _layer(self, i: int, layer: LayerWeights, x, rope, cache: KVCache | None) -> torch.Tensor:
+        x = x + self._attention(i, layer, rms_norm(x, layer.input_norm, self.eps), rope, cache)
+        h = rms_norm(x, layer.post_norm, self.eps)
+        gate, up = self.linear(h, layer.gate_up)
+        return x + self.linear(rms_norm(F.relu(gate).square() * up, layer.ffn_sub_norm, self.eps), layer.down)[0]
+
+    def _attention(self, i: int, layer: LayerWeights, x, rope, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.linear(x, layer.qkv)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), *rope)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), *rope)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(i, k, v)
+        # As model.attention_bias: SDPA's own causal mask is exact for a sequence from position 0
+        # and needless for one new token; new tokens after a cache need an explicit offset mask.
+        mask = None
+        if past and T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.linear(rms_norm(y, layer.attn_sub_norm, self.eps), layer.o)[0]
+
+    def linear(self, x: torch.Tensor, lin: TernaryLinear) -> tuple[torch.Tensor, ...]:
+        """The BitLinear outputs (one per fused projection) of x (..., in_features)."""
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, x.shape[-1])
+        scale = lin.single_scale
+        if scale is not None:  # one projection: the door's quantize + product + rescale in one call
+            y = self.door.bitlinear(x2d, lin.qweight, scale, lin.in_features)
+        else:
+            q, s_a = self.door.quantize_activations(x2d)
+            dot = self.door.ternary_matmul_int(q, lin.qweight)
+            # The kernels' rescale, float32 for float32: dot / (s_w * s_a), with s_w per row.
+            y = dot.float() / (lin.row_scale * s_a[:, None])
+        return tuple(part.view(*lead, -1) for part in y.split(lin.splits, dim=-1))
