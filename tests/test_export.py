@@ -28,6 +28,7 @@ from bitnet_train.export.sizes import (
 )
 from bitnet_train.export.source import TernaryWeight, load_training_model, read_checkpoint
 from bitnet_train.model import BitNetTrainConfig, BitNetTrainForCausalLM
+from bitnet_train.modeling_utils import load_checkpoint_model
 from bitnet_train.packing import base3_row_bytes, packed_row_bytes, unpack_ternary, unpack_ternary_base3, unpack_ternary_hf
 from bitnet_train.quant import BitLinear, ternarize
 from bitnet_train.trainer import save_final
@@ -394,3 +395,8 @@ def test_gguf_export_checks_the_quantizer_gives_back_codes_times_fp16_scale(ckpt
     monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: quantize(data * 0.9, qtype))
     with pytest.raises(CheckpointError, match=r"q_proj.weight: gguf's TQ1_0 quantizer did not give back"):
         gguf_format.quantize_exact(ckpt.ternary[0], gguf.GGMLQuantizationType.TQ1_0)
+
+
+def test_training_refuses_to_start_from_a_packed_export(out):
+    with pytest.raises(ValueError, match="packed"):
+        load_checkpoint_model(out / "own", quantize=True)

@@ -4,6 +4,7 @@
 else in float32, plus config.json and the tokenizer. `load_packed_model` is the pure-torch reader:
 it unpacks, checks, and rebuilds a BitNetTrainForCausalLM whose weights are codes / s.
 """
+import copy
 from pathlib import Path
 
 import torch
@@ -32,7 +33,11 @@ def write(ckpt: TernaryCheckpoint, out: Path, layout: str) -> Path:
         tensors[f"{w.module}.qweight"] = pack(w.codes)
         tensors[f"{w.module}.qscale"] = w.scale.reshape(1)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": PACKED_FORMAT, "layout": layout})
-    ckpt.config.save_pretrained(out)
+    config = copy.deepcopy(ckpt.config)
+    # Marks the directory as packed: training's init_from (modeling_utils.load_checkpoint_model)
+    # refuses offline-quantized checkpoints instead of loading qweight-less BitLinears at random.
+    config.quantization_config = {"quant_method": PACKED_FORMAT, "quantization_mode": "offline"}
+    config.save_pretrained(out)
     ckpt.tokenizer.save_pretrained(out)
     return out / WEIGHTS
 
