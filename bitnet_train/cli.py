@@ -2,8 +2,9 @@
 
     bitnet-train [train] recipes=quickstart key=value ...   run the configured pipeline
     bitnet-train train --cfg job recipes=quickstart         print the resolved config
-    bitnet-train bench train|kernels                        benchmarks (not tests)
+    bitnet-train bench train|kernels|engine                 benchmarks (not tests)
     bitnet-train export CHECKPOINT --out DIR                packed checkpoints for serving
+    bitnet-train eval EXPORT_DIR --ppl builtin --generate P  an export on the inference engine
     bitnet-train -m recipes=sweep_lr_drop                   a Hydra sweep (docs/launch.md)
     bitnet-train sweep-summary MULTIRUN_DIR                 a sweep's results: table and plot
     bitnet-train estimate --gpus 64 --days 30               memory per GPU and throughput for 2B4T
@@ -97,13 +98,21 @@ def bench_main(argv: list[str]) -> None:
         from .bench.train_step import main
     elif which == "kernels":
         from .bench.kernels import main
+    elif which == "engine":
+        from .bench.engine import main
     else:
-        raise SystemExit(f"bitnet-train bench: unknown benchmark {which!r}; use train or kernels")
+        raise SystemExit(f"bitnet-train bench: unknown benchmark {which!r}; use train, kernels or engine")
     main(argv[1:])
 
 
 def export_main(argv: list[str]) -> None:
     from .export.cli import main
+
+    main(argv)
+
+
+def eval_main(argv: list[str]) -> None:
+    from .engine.cli import main
 
     main(argv)
 
@@ -124,6 +133,7 @@ SUBCOMMANDS = {
     "train": train_main,
     "bench": bench_main,
     "export": export_main,
+    "eval": eval_main,
     "sweep-summary": sweep_summary_main,
     "estimate": estimate_main,
 }

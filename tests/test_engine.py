@@ -1,0 +1,287 @@
+"""The evaluation engine against the training model, on a tiny model trained for a few steps and
+exported: exact integer layer products, logits within 1e-3, identical greedy tokens, KV-cache
+decode equal to full recompute, on the AVX2 and scalar kernels and on the pure-torch fallback."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from bitnet_train import cli, quant
+from bitnet_train.checkpoint import CheckpointError, write_manifest
+from bitnet_train.cli import compose_config
+from bitnet_train.engine import Engine, Sampling, generate, perplexity, read_documents, token_blocks
+from bitnet_train.evaluation import pair_logps, task_accuracy
+from bitnet_train.evaluation.engine_model import EngineCausalLM
+from bitnet_train.data.chat import encode_pairs
+from bitnet_train.data.chat_tasks import preference_pair, task_examples
+from bitnet_train.export import export
+from bitnet_train.export.source import load_training_model
+from bitnet_train.kernels import cpu, cuda
+from bitnet_train.packing import unpack_ternary
+from bitnet_train.pipeline import run_pipeline
+from conftest import TINY
+
+BACKENDS = ["avx2", "scalar", "torch"]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def trained_final(tmp_path_factory) -> Path:
+    """The quickstart pipeline on the tiny test model (hidden 64: every K is padded to 128)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_config([*TINY, "pretrain.max_steps=40", "pretrain.eval_every=40", f"output_dir={out}"])
+    return run_pipeline(cfg)["pretrain"]
+
+
+@pytest.fixture(scope="module")
+def exported(trained_final, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export")
+    export(trained_final, out, "own,own-1.6")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(trained_final):
+    return load_training_model(trained_final)[0].eval()
+
+
+@pytest.fixture(scope="module")
+def engine(exported) -> Engine:
+    return Engine.from_export(exported / "own", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(exported):
+    return AutoTokenizer.from_pretrained(exported / "own")
+
+
+@pytest.fixture(scope="module")
+def text_ids(tokenizer) -> torch.Tensor:
+    """Held-out built-in text, the data the model was trained on: logits far from uniform."""
+    return token_blocks(tokenizer, read_documents("builtin"), 48)[:3]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Routes the CPU door through one backend: a compiled one, or the pure-torch fallback."""
+    name = request.param
+    if name == "torch":
+        monkeypatch.setattr(cpu, "_ext", None)
+        monkeypatch.setattr(cpu, "_warned", True)
+    else:
+        if cpu._ext is None or name not in cpu._ext.available_backends():
+            pytest.skip(f"the compiled {name} backend is not available here")
+        cpu._ext.set_backend(name)
+        request.addfinalizer(lambda: cpu._ext.set_backend("auto"))
+    assert cpu.backend() == name
+    return name
+
+
+def training_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ---------------------------------------------------------------- layer products
+
+
+def test_fused_projections_keep_their_own_scales(engine, trained):
+    """q/k/v (and gate/up) have different weight scales, so one shared scale would be caught."""
+    attn = trained.model.layers[0].self_attn
+    scales = [float(quant.weight_scale(m.weight.detach())) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert len(set(scales)) == 3
+    qkv = engine.weights.layers[0].qkv
+    expected = torch.cat([torch.full((n,), s) for n, s in zip(qkv.splits, scales)])
+    assert torch.equal(qkv.row_scale, expected)
+
+
+def test_every_layer_output_is_the_reference_integer_product(engine, trained, backend):
+    """Each engine BitLinear output equals an int64 product of the training codes with
+    quant.quantize_int8's activations, rescaled as dot / (s_w * s_a): bit for bit."""
+    x = torch.randn(5, engine.config.intermediate_size, generator=torch.Generator().manual_seed(3)) * 2
+    for i, layer in enumerate(engine.weights.layers):
+        block = trained.model.layers[i]
+        fused = {
+            "qkv": (layer.qkv, [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]),
+            "o": (layer.o, [block.self_attn.o_proj]),
+            "gate_up": (layer.gate_up, [block.mlp.gate_proj, block.mlp.up_proj]),
+            "down": (layer.down, [block.mlp.down_proj]),
+        }
+        for name, (lin, modules) in fused.items():
+            xi = x[:, :lin.in_features]
+            a, s_a = quant.quantize_int8(xi)
+            outputs = engine.linear(xi, lin)
+            assert len(outputs) == len(modules)
+            for out, module in zip(outputs, modules):
+                codes, s_w = quant.ternarize(module.weight.detach())
+                dot = a.to(torch.int64) @ codes.to(torch.int64).T
+                assert dot.abs().max() < 2**24  # exact in float32, so the float comparison is exact too
+                expected = dot.float() / (s_w * s_a)
+                assert torch.equal(out, expected), f"layer {i} {name} ({backend})"
+
+
+def test_packed_codes_are_the_training_codes(engine, trained):
+    layer, block = engine.weights.layers[1], trained.model.layers[1]
+    codes = unpack_ternary(layer.gate_up.qweight, layer.gate_up.in_features)
+    expected = torch.cat([quant.ternarize(m.weight.detach())[0] for m in (block.mlp.gate_proj, block.mlp.up_proj)])
+    assert torch.equal(codes, expected)
+
+
+# ---------------------------------------------------------------- whole model
+
+
+def test_logits_match_the_training_forward(engine, trained, text_ids, backend):
+    ours, ref = engine.forward(text_ids), training_logits(trained, text_ids)
+    assert relative_error(ours, ref) < 1e-3
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_greedy_tokens_equal_the_training_models(engine, trained, text_ids, backend):
+    for prompt in text_ids[:, :12]:
+        with torch.no_grad():
+            ref = trained.generate(prompt[None], max_new_tokens=16, do_sample=False, eos_token_id=None)[0, 12:]
+        assert generate(engine, prompt.tolist(), 16) == ref.tolist()
+
+
+def test_kv_cache_decode_equals_full_recompute(engine, text_ids, backend):
+    ids = text_ids[:2, :24]
+    full = engine.forward(ids)
+    cache = engine.new_cache(2, 24)
+    # A prefill, a chunk that continues the cache (the offset causal mask), then single tokens.
+    steps = [engine.forward(ids[:, :10], cache), engine.forward(ids[:, 10:15], cache)]
+    steps += [engine.forward(ids[:, t:t + 1], cache) for t in range(15, 24)]
+    assert cache.length == 24
+    assert relative_error(torch.cat(steps, dim=1), full) < 1e-5
+
+
+def test_the_1_6_bit_export_runs_identically(exported, engine, text_ids):
+    base3 = Engine.from_export(exported / "own-1.6", device="cpu")
+    assert torch.equal(base3.forward(text_ids), engine.forward(text_ids))
+
+
+@pytest.mark.parametrize("head_dtype, bound", [("bf16", 1e-2), ("int8", 2e-2)])
+def test_smaller_head_types_stay_close(exported, engine, text_ids, head_dtype, bound):
+    small = Engine.from_export(exported / "own", head_dtype=head_dtype, device="cpu")
+    ref = engine.forward(text_ids)
+    err = relative_error(small.forward(text_ids), ref)
+    assert 0 < err < bound  # nonzero: the head really is stored in the smaller type
+
+
+def test_perplexity_equals_the_training_models_loss(engine, trained, tokenizer):
+    blocks = token_blocks(tokenizer, read_documents("builtin")[:6], 32)
+    ours = perplexity(engine, blocks, batch_size=4)
+    ref = trained(blocks, labels=blocks).loss
+    assert ours.tokens == blocks.numel() - len(blocks)
+    assert ours.loss == pytest.approx(float(ref), rel=1e-4)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(engine, text_ids):
+    prompt = text_ids[0, :8].tolist()
+    hot = Sampling(temperature=1.5, seed=7)
+    assert generate(engine, prompt, 12, hot) == generate(engine, prompt, 12, hot)
+    assert generate(engine, prompt, 12, Sampling(temperature=1.5, seed=8)) != generate(engine, prompt, 12, hot)
+    assert generate(engine, prompt, 12, Sampling(temperature=1.0, top_k=1, seed=1)) == generate(engine, prompt, 12)
+
+
+def test_generation_stops_at_a_stop_token(engine, text_ids):
+    prompt = text_ids[0, :8].tolist()
+    free = generate(engine, prompt, 10)
+    assert generate(engine, prompt, 10, stop_ids=(free[3],))[-1] == free[3]
+
+
+# ---------------------------------------------------------------- the quickstart's evaluations
+
+
+def test_task_and_preference_evaluation_agree_with_the_training_model(engine, trained, tokenizer):
+    tasks = task_examples(10, held_out=True, seed=0)
+    wrapped = EngineCausalLM(engine)
+    assert task_accuracy(wrapped, tokenizer, tasks) == task_accuracy(trained, tokenizer, tasks)
+    pairs = encode_pairs(tokenizer, map(preference_pair, tasks), 128, "test pairs")
+    ours, ref = pair_logps(wrapped, tokenizer, pairs), pair_logps(trained, tokenizer, pairs)
+    assert relative_error(ours, ref) < 1e-3
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def copy_export(exported, tmp_path) -> Path:
+    return shutil.copytree(exported / "own", tmp_path / "own")
+
+
+def test_missing_weights_file_is_named(exported, tmp_path):
+    d = copy_export(exported, tmp_path)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        Engine.from_export(d, device="cpu")
+
+
+def test_corrupt_weights_file_is_named(exported, tmp_path):
+    d = copy_export(exported, tmp_path)
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (d / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt"):
+        Engine.from_export(d, device="cpu")
+
+
+def test_a_training_checkpoint_is_refused_with_what_to_do(trained_final):
+    with pytest.raises(CheckpointError, match="bitnet-train export"):
+        Engine.from_export(trained_final, device="cpu")
+
+
+def test_invalid_codes_name_the_tensor(exported, tmp_path):
+    d = copy_export(exported, tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.qweight"][0, 0] = 0b11  # the 2-bit code 3
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "bitnet-train-packed", "layout": "2bit"})
+    write_manifest(d)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.qweight is malformed"):
+        Engine.from_export(d, device="cpu")
+
+
+def test_weights_from_another_config_are_named(exported, tmp_path):
+    d = copy_export(exported, tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (d / "config.json").write_text(json.dumps(config))
+    write_manifest(d)
+    with pytest.raises(CheckpointError, match=r"gate_proj\.qweight has shape .* do not belong together"):
+        Engine.from_export(d, device="cpu")
+
+
+def test_a_full_cache_is_named(engine):
+    cache = engine.new_cache(1, 4)
+    engine.forward(torch.tensor([[1, 2, 3]]), cache)
+    with pytest.raises(ValueError, match="KV cache holds 4 tokens"):
+        engine.forward(torch.tensor([[4, 5]]), cache)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_eval_command_prints_perplexity_and_a_generation(exported, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["bitnet-train", "eval", str(exported / "own"), "--ppl", "builtin",
+                                     "--generate", "The", "--max-new-tokens", "5", "--device", "cpu"])
+    cli.main()
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "generation" in out
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda.is_available(), reason=f"CUDA door unavailable: {cuda.unavailable_reason()}")
+def test_the_cuda_door_runs_the_same_engine(exported, engine, trained, text_ids):
+    gpu = Engine.from_export(exported / "own")  # picks the CUDA door by itself
+    assert gpu.device.type == "cuda"
+    ours = gpu.forward(text_ids).cpu()
+    assert relative_error(ours, training_logits(trained, text_ids)) < 1e-3
+    assert generate(gpu, text_ids[0, :12].tolist(), 16) == generate(engine, text_ids[0, :12].tolist(), 16)
