@@ -1,5 +1,7 @@
 """bitnet_train.kernels.cpu: compiled kernels (both backends, 1 and 2 threads) and fallback."""
+import multiprocessing
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -223,3 +225,32 @@ def test_settings_reject_unknown_values(needs_ext):
     with pytest.raises(ValueError, match="at least 1"):
         ext.set_num_threads(0)
     assert "scalar" in ext.available_backends()
+
+
+# ---------------------------------------------------------------- threading
+
+
+def test_concurrent_calls_from_python_threads(needs_ext):
+    """Kernels release the GIL; two callers sharing the worker pool still get exact results."""
+    qweight, a = random_qweight(300, 1000), random_activations(5, packing.padded_features(1000))
+    expected = cpu.reference_matmul_int(a, qweight)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: cpu.ternary_matmul_int(a, qweight), range(64)))
+    assert all(torch.equal(r, expected) for r in results)
+
+
+def _matmul_in_child(a, qweight, queue):
+    queue.put(cpu.ternary_matmul_int(a, qweight).numpy())  # numpy pickles by value
+
+
+def test_forked_child_runs_kernels_after_parent_used_threads(needs_ext):
+    """A fork()ed child (e.g. a DataLoader worker) has no pool workers and must not wait on them."""
+    qweight, a = random_qweight(64, 500), random_activations(3, packing.padded_features(500))
+    expected = cpu.ternary_matmul_int(a, qweight)  # starts the parent's workers
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_matmul_in_child, args=(a, qweight, queue))
+    child.start()
+    result = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0 and torch.equal(torch.from_numpy(result), expected)

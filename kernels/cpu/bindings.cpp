@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "ternary_kernels.h"
+#include "thread_pool.h"
 
 namespace py = pybind11;
 using bitnet::Isa;
@@ -20,7 +21,7 @@ namespace {
 // Process-wide, changed only with the GIL held; each call copies it before releasing the GIL.
 struct Settings {
   Isa isa = bitnet::cpu_has_avx2() ? Isa::kAvx2 : Isa::kScalar;
-  int threads = bitnet::max_threads();
+  int threads = bitnet::hardware_threads();
 };
 
 Settings& settings() {
@@ -143,9 +144,6 @@ void set_backend(const std::string& name) {
 
 void set_num_threads(int n) {
   if (n < 1) throw py::value_error("set_num_threads: need at least 1 thread, got " + std::to_string(n));
-  if (n > 1 && !bitnet::kMultithreaded) {
-    throw py::value_error("set_num_threads: this build has no OpenMP, so it runs on 1 thread only");
-  }
   settings().threads = n;
 }
 

@@ -11,9 +11,7 @@
 #include <cstring>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "thread_pool.h"
 
 #define BITNET_AVX2 __attribute__((target("avx2,fma")))
 
@@ -223,8 +221,7 @@ void run_gemm(Isa isa, const TernaryGemm& g, int threads, Store store) {
   const int64_t panel = panel_rows(g.n, ldw, tile.cols, threads);
   const int64_t tasks = ceil_div(g.n, panel);
 
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < tasks; ++t) {
+  parallel_for(tasks, threads, [&](int64_t t) {
     const int64_t n_end = std::min(g.n, (t + 1) * panel);
     for (int64_t m0 = 0; m0 < g.m; m0 += tile.rows) {
       const int rows = static_cast<int>(std::min<int64_t>(tile.rows, g.m - m0));
@@ -237,29 +234,20 @@ void run_gemm(Isa isa, const TernaryGemm& g, int threads, Store store) {
         }
       }
     }
-  }
+  });
 }
 
 }  // namespace
 
 bool cpu_has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
 void quantize_rows(Isa isa, const float* x, int64_t rows, int64_t k, int64_t k_padded, int8_t* q,
                    float* scales, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(rows, threads, [&](int64_t r) {
     int8_t* qr = q + r * k_padded;
     scales[r] = isa == Isa::kAvx2 ? quantize_row_avx2(x + r * k, k, qr) : quantize_row_scalar(x + r * k, k, qr);
     std::memset(qr + k, 0, k_padded - k);
-  }
+  });
 }
 
 void gemm_int(Isa isa, const TernaryGemm& g, int32_t* out, int threads) {

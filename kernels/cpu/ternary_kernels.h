@@ -20,14 +20,6 @@ enum class Isa { kScalar, kAvx2 };
 
 bool cpu_has_avx2();
 
-// Threads come from OpenMP; a build without it runs single-threaded.
-#ifdef _OPENMP
-constexpr bool kMultithreaded = true;
-#else
-constexpr bool kMultithreaded = false;
-#endif
-int max_threads();
-
 // Per-token absmax int8 quantization, bit-identical to bitnet_train.quant.quantize_int8.
 // x: (rows, k) float32; q: (rows, k_padded) int8 with the padding zeroed; scales: (rows,),
 // the multipliers s = 127 / max|x| (so x ~ q / s).
