@@ -1,0 +1,1 @@
+"""Benchmarks: `bitnet_train.bench.kernels` times the CPU kernels against torch float32."""

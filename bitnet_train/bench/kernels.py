@@ -1,0 +1,183 @@
+"""CPU kernel benchmark: ternary x int8 BitLinear against torch float32 matmul, 2B4T shapes.
+
+GEMV (one token, decode) is memory-bound: its floor is weight bytes / memory bandwidth, so it is
+timed with the weights streamed from DRAM (a rotation over copies totalling several L3s) and
+reported as achieved weight GB/s against bandwidths measured here. GEMM (a prefill batch) is
+compute-bound and timed with one weight copy. Both sides run interleaved, on the same number of
+threads; times are medians.
+
+    python -m bitnet_train.bench.kernels
+"""
+import itertools
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bitnet_train import packing, quant
+from bitnet_train.kernels import cpu
+
+# BitNet b1.58 2B4T linear layers, (out, in): q/o_proj, k/v_proj, gate/up_proj, down_proj.
+SHAPES_2B4T = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]
+GIB = 1 << 30
+
+
+@dataclass
+class ShapeResult:
+    out_features: int
+    in_features: int
+    gemv_us: float  # ours, M = 1, weights streamed from DRAM
+    gemv_torch_us: float
+    gemv_cached_us: float  # ours, M = 1, one weight copy that stays in cache: the compute ceiling
+    gemm_ms: float  # ours, M = prefill
+    gemm_torch_ms: float
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.out_features * packing.packed_row_bytes(self.in_features)
+
+    @property
+    def gemv_gbs(self) -> float:
+        return self.weight_bytes / self.gemv_us / 1e3
+
+    @property
+    def gemv_cached_gbs(self) -> float:
+        return self.weight_bytes / self.gemv_cached_us / 1e3
+
+
+@dataclass
+class BenchResult:
+    cpu_model: str
+    load_average: float  # of other work on the machine, sampled before the run
+    threads: int
+    prefill_tokens: int
+    copy_gbs: float  # read + write bytes of a large copy
+    read_gbs: float  # bytes of a large sum, read only, as a GEMV reads its weights
+    shapes: list[ShapeResult]
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def l3_bytes() -> int:
+    """The last-level cache size from sysfs (32 MiB when it cannot be read)."""
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        if (index / "level").read_text().strip() == "3":
+            size = (index / "size").read_text().strip()  # e.g. "32768K"
+            return int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
+    return 32 << 20
+
+
+def median_us(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t0)
+    return statistics.median(times) / 1e3
+
+
+def interleaved_us(fns: list, reps: int) -> list[float]:
+    """Median time of each fn, calling them in turn so drifts in clock or load hit all alike."""
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter_ns()
+            fn()
+            ts.append(time.perf_counter_ns() - t0)
+    return [statistics.median(ts) / 1e3 for ts in times]
+
+
+def measure_bandwidth(nbytes: int, reps: int = 10) -> tuple[float, float]:
+    """(copy, read) GB/s of torch's multithreaded copy and sum over `nbytes` buffers."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    copy_us = median_us(lambda: dst.copy_(src), reps)
+    read_us = median_us(lambda: src.sum(), reps)
+    return 2 * nbytes / copy_us / 1e3, nbytes / read_us / 1e3
+
+
+def rotation(make, nbytes_each: int, stream_bytes: int):
+    """An endless cycle over enough distinct copies that each pass streams `stream_bytes`."""
+    return itertools.cycle([make() for _ in range(max(2, -(-stream_bytes // nbytes_each)))])
+
+
+def bench_shape(out_features, in_features, prefill_tokens, stream_bytes, reps) -> ShapeResult:
+    w = torch.randn(out_features, in_features)
+    codes, s = quant.ternarize(w)
+    qweight = packing.pack_ternary(codes)
+    # The compiled kernel is called directly on numpy arrays, as torch's F.linear is called on
+    # tensors, so neither side pays the Python door's reshapes in the timing.
+    packed = rotation(lambda: qweight.numpy().copy(), qweight.numel(), stream_bytes)
+    dense = rotation(w.clone, w.numel() * 4, stream_bytes)
+    scale = float(s)
+    forward = cpu._native().bitlinear_forward
+
+    x1 = torch.randn(1, in_features)
+    gemv_us, gemv_torch_us = interleaved_us(
+        [lambda: forward(x1.numpy(), next(packed), scale, in_features), lambda: F.linear(x1, next(dense))],
+        reps,
+    )
+    (gemv_cached_us,) = interleaved_us([lambda: forward(x1.numpy(), qweight.numpy(), scale, in_features)], reps)
+    xm = torch.randn(prefill_tokens, in_features)
+    gemm_us, gemm_torch_us = interleaved_us(
+        [lambda: forward(xm.numpy(), qweight.numpy(), scale, in_features), lambda: F.linear(xm, w)],
+        max(5, reps // 20),
+    )
+    return ShapeResult(
+        out_features, in_features, gemv_us, gemv_torch_us, gemv_cached_us, gemm_us / 1e3, gemm_torch_us / 1e3
+    )
+
+
+def run_kernel_bench(
+    threads: int = 2, prefill_tokens: int = 128, reps: int = 200, shapes=SHAPES_2B4T
+) -> BenchResult:
+    """Times our GEMV / GEMM and torch's float32 matmul on `threads` threads each."""
+    ext = cpu._native()
+    if ext is None or ext.get_backend() != "avx2":
+        raise RuntimeError(f"the kernel bench needs the compiled AVX2 kernels; backend is {cpu.backend()}")
+    torch.set_num_threads(threads)
+    ext.set_num_threads(threads)
+    load_average = os.getloadavg()[0]
+    stream_bytes = 4 * l3_bytes()
+    copy_gbs, read_gbs = measure_bandwidth(stream_bytes)
+    results = [bench_shape(n, k, prefill_tokens, stream_bytes, reps) for n, k in shapes]
+    return BenchResult(cpu_model(), load_average, threads, prefill_tokens, copy_gbs, read_gbs, results)
+
+
+def format_table(r: BenchResult) -> str:
+    lines = [
+        f"CPU: {r.cpu_model}, {r.threads} threads, backend avx2, load average {r.load_average:.1f} "
+        f"before the run. Measured memory bandwidth: copy {r.copy_gbs:.1f} GB/s (read + write), "
+        f"read {r.read_gbs:.1f} GB/s (sum). Medians.",
+        "",
+        f"| out x in | GEMV ours (us) | GEMV torch fp32 (us) | speed-up | weight GB/s | "
+        f"% of copy BW | % of read BW | in-cache GB/s | GEMM M={r.prefill_tokens} ours (ms) | "
+        f"torch fp32 (ms) | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in r.shapes:
+        lines.append(
+            f"| {s.out_features}x{s.in_features} | {s.gemv_us:.1f} | {s.gemv_torch_us:.1f} | "
+            f"{s.gemv_torch_us / s.gemv_us:.1f}x | {s.gemv_gbs:.1f} | {100 * s.gemv_gbs / r.copy_gbs:.0f}% | "
+            f"{100 * s.gemv_gbs / r.read_gbs:.0f}% | {s.gemv_cached_gbs:.1f} | {s.gemm_ms:.2f} | "
+            f"{s.gemm_torch_ms:.2f} | {s.gemm_torch_ms / s.gemm_ms:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(format_table(run_kernel_bench()))
+
+
+if __name__ == "__main__":
+    main()
