@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
@@ -293,12 +292,16 @@ def shards_state(acc: Accelerator) -> bool:
 
 
 def check_world_size(acc: Accelerator) -> None:
-    """Batch sharding and loss scaling trust acc.num_processes; a launcher that starts several
-    ranks while accelerate counts one would silently train every rank on the whole batch."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != acc.num_processes:
+    """Batch sharding and loss scaling trust acc.num_processes. Some launches start several
+    processes while accelerate counts one in each (on a machine without GPUs: `--cpu`, a MULTI_CPU
+    config, DeepSpeed without a process-group backend); each would then train on the whole batch
+    and all would write the same run directory."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch / deepspeed
+    if launched != acc.num_processes:
         raise RuntimeError(
-            f"torch.distributed has {dist.get_world_size()} ranks but accelerate reports num_processes="
-            f"{acc.num_processes}; launch with a config from launch/accelerate/ (see docs/launch.md)"
+            f"the launcher started {launched} processes (WORLD_SIZE) but accelerate counts "
+            f"num_processes={acc.num_processes} ({acc.distributed_type}); use a launch command from "
+            "docs/launch.md (on CPU: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...)"
         )
 
 

@@ -1,0 +1,140 @@
+"""Two real gloo ranks on the CPU against one rank: the same global batch gives the same training.
+
+One `accelerate launch` (tests/dist_worker.py, which fails unless 2 ranks really started) runs the
+2-rank side of every comparison through the CLI; the 1-rank sides run in this process. The
+global batch is the same on both sides: 1 rank x 2 micro-batches of accumulation against
+2 ranks x 1 micro-batch, so the BatchStream hands out the same examples for every step.
+
+Results agree to float tolerance, not bit for bit: DDP's all-reduce sums the two ranks' gradients
+in another order than accumulation on one rank does.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bitnet_train.cli import compose_config
+from bitnet_train.metrics import read_jsonl
+from bitnet_train.pipeline import run_pipeline
+
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = ["pretrain.max_steps=4", "pretrain.save_every=2", "pretrain.eval_every=2", "pretrain.keep_checkpoints=5",
+         "logging.log_every=1"]
+SFT = ["sft.max_steps=2", "sft.micro_batch_size=4", "sft.data.num_train_examples=16", "sft.data.num_eval_examples=8",
+       "sft.eval_batches=2", "sft.eval_every=2", "sft.save_every=2", "sft.loss_reduction=sum"]
+BASE = [*TINY, *STEPS, *SFT]
+ONE_RANK = ["pretrain.grad_accum=2", "sft.grad_accum=2"]  # global batch = micro x 2 x 1 rank
+TWO_RANKS = ["pretrain.grad_accum=1", "sft.grad_accum=1"]  # global batch = micro x 1 x 2 ranks
+CHECKPOINT_2 = "pretrain/checkpoints/step_00000002"
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_ranks(tmp: Path, runs: list[list[str]]) -> None:
+    spec = tmp / "spec.json"
+    spec.write_text(json.dumps({"num_processes": 2, "audit_root": str(tmp / "runs"), "audit_out": str(tmp / "audit"),
+                                "runs": runs}))
+    # Measured on this accelerate (docs/launch.md): `--cpu` or a MULTI_CPU config silently start ONE
+    # process; ACCELERATE_USE_CPU=1 with --multi_gpu gives two gloo ranks.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(ROOT / "tests" / "dist_worker.py"), str(spec)]
+    done = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.fail(f"2-rank launch failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+
+
+def run_one_rank(overrides: list[str]) -> None:
+    run_pipeline(compose_config(overrides))
+
+
+def copy_checkpoint(src_run: Path, dst_run: Path) -> None:
+    """A run directory holding only another run's step-2 checkpoint: resuming continues from it."""
+    shutil.copytree(src_run / CHECKPOINT_2, dst_run / CHECKPOINT_2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("dist")
+    r = tmp / "runs"
+    run_one_rank([*BASE, *ONE_RANK, "pipeline=[pretrain]", f"output_dir={r / 'one'}"])
+    copy_checkpoint(r / "one", r / "one_then_two")
+    launch_two_ranks(tmp, [
+        [*BASE, *TWO_RANKS, "pipeline=[pretrain,sft]", "logging.wandb=offline", "logging.plot=true",
+         f"output_dir={r / 'two'}"],
+        [*BASE, *TWO_RANKS, "pipeline=[pretrain]", f"output_dir={r / 'one_then_two'}"],
+    ])
+    copy_checkpoint(r / "two", r / "two_then_one")
+    run_one_rank([*BASE, *ONE_RANK, "pipeline=[pretrain]", f"output_dir={r / 'two_then_one'}"])
+    run_one_rank([*BASE, *ONE_RANK, "pipeline=[sft]", f"sft.init_from={r / 'two' / 'pretrain' / 'final'}",
+                  f"output_dir={r / 'sft_one'}"])
+    return tmp
+
+
+def curve(stage_dir: Path, key: str) -> dict[int, float]:
+    return {rec["step"]: rec[key] for rec in read_jsonl(stage_dir / "metrics.jsonl") if key in rec}
+
+
+def assert_same_training(a: Path, b: Path, steps: list[int]) -> None:
+    """Same losses and gradient norms at `steps`, same final weights. The gradient norm is the
+    sharp check: AdamW's update barely changes if every gradient is scaled by 2, the norm does."""
+    for key in ("train/loss", "grad_norm", "val/loss"):
+        ca, cb = curve(a, key), curve(b, key)
+        shared = [s for s in steps if s in ca]
+        assert shared and all(s in cb for s in shared), f"{key}: steps {steps} missing in {a} or {b}"
+        torch.testing.assert_close(torch.tensor([ca[s] for s in shared]), torch.tensor([cb[s] for s in shared]),
+                                   **TOL, msg=lambda m: f"{key} differs between {a} and {b}: {m}")
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_same_global_batch_on_one_and_two_ranks_trains_the_same(runs):
+    assert_same_training(runs / "runs/one/pretrain", runs / "runs/two/pretrain", [1, 2, 3, 4])
+
+
+def test_sft_summed_loss_gives_the_same_update_on_one_and_two_ranks(runs):
+    one, two = runs / "runs/sft_one/sft", runs / "runs/two/sft"
+    assert_same_training(one, two, [1, 2])
+    assert "loss_reduction: sum" in (runs / "runs/two/run_config.yaml").read_text()
+
+
+def test_checkpoint_saved_on_two_ranks_resumes_on_one(runs):
+    resumed = runs / "runs/two_then_one/pretrain"
+    assert sorted(curve(resumed, "train/loss")) == [3, 4]  # it did resume, not restart
+    assert_same_training(resumed, runs / "runs/two/pretrain", [3, 4])
+
+
+def test_checkpoint_saved_on_one_rank_resumes_on_two(runs):
+    resumed = runs / "runs/one_then_two/pretrain"
+    assert sorted(curve(resumed, "train/loss")) == [3, 4]
+    assert_same_training(resumed, runs / "runs/one/pretrain", [3, 4])
+
+
+def test_only_rank_0_writes_logs_plots_hydra_outputs_and_checkpoints(runs):
+    written = {rank: json.loads((runs / f"audit/rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert written[1] == [], f"rank 1 wrote into the run directories: {written[1][:10]}"
+    two = runs / "runs/two"
+    expected = [two / ".hydra/config.yaml", two / "run_config.yaml", two / "pretrain/metrics.jsonl",
+                two / "pretrain/loss.png", two / "sft/loss.png"]
+    for path in expected:
+        assert any(str(path) in entry for entry in written[0]), f"rank 0 did not write {path}"
+    assert any("trainer_state.json" in entry for entry in written[0])
+    assert len(list((two / "pretrain" / "wandb").glob("offline-run-*"))) == 1
