@@ -1,9 +1,12 @@
-"""Runs the configured stages in order; each starts from the previous stage's output.
+"""Runs the configured pipeline in order: training stages, each starting from the previous
+stage's output, then steps that read the finished checkpoints (the report; export plugs in
+the same way, through `AFTER_TRAINING`).
 
 Re-running the same command resumes: finished stages (their `final/` checkpoint verifies) are
 skipped and an interrupted one continues from its last checkpoint.
 """
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +16,9 @@ from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError, verify_manifest
 from .config import RunConfig
+from .data.sources import check_files
 from .data.tokenizer import load_tokenizer
+from .evaluation.report import write_report
 from .modeling_utils import build_model, load_checkpoint_model
 from .schedules import validate as validate_schedule
 from .stages import STAGES, build_stage
@@ -22,13 +27,22 @@ from .trainer import RunContext, train
 log = logging.getLogger(__name__)
 
 STAGE_ENTRIES = ("pretrain", "sft", "dpo")
+# Steps after training, run on the main process: fn(cfg, outputs, tokenizer, run_dir, device) -> str
+# to print. `outputs` maps each finished stage to its final checkpoint.
+AFTER_TRAINING = {"report": write_report}
 
 
 def validate_run(cfg: RunConfig) -> None:
     """Everything that can be checked before compute is spent."""
-    for name in cfg.pipeline:
+    for i, name in enumerate(cfg.pipeline):
+        if name in AFTER_TRAINING:
+            if any(later in STAGE_ENTRIES for later in cfg.pipeline[i:]):
+                raise ValueError(f"pipeline entry {name!r} reads finished stages; put it after every training stage")
+            continue
         if name not in STAGE_ENTRIES:
-            raise ValueError(f"pipeline entry {name!r} is unknown; use some of {list(STAGE_ENTRIES)}")
+            raise ValueError(
+                f"pipeline entry {name!r} is unknown; use some of {[*STAGE_ENTRIES, *AFTER_TRAINING]}"
+            )
         stage = getattr(cfg, name)
         if stage.kind not in STAGES:
             raise ValueError(f"{name}.kind={stage.kind!r} is unknown; known: {sorted(STAGES)}")
@@ -37,6 +51,8 @@ def validate_run(cfg: RunConfig) -> None:
             raise ValueError(f"{name}.precision={stage.precision!r}; use fp32 or bf16")
         if stage.loss_reduction not in ("mean", "sum"):
             raise ValueError(f"{name}.loss_reduction={stage.loss_reduction!r}; use mean or sum")
+        if stage.data.source == "files":
+            check_files(stage.data)
         if stage.init_from and not Path(stage.init_from).is_dir():
             raise FileNotFoundError(f"{name}.init_from={stage.init_from} does not exist")
         if stage.data.seq_len > cfg.model.max_position_embeddings:
@@ -58,7 +74,9 @@ def guard_output_dir(cfg: RunConfig, out: Path, is_main: bool) -> None:
             )
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(current)
+        tmp = saved.with_suffix(".yaml.tmp")
+        tmp.write_text(current)
+        os.replace(tmp, saved)  # a kill mid-write must not look like "another config" next time
 
 
 def stage_done(stage_dir: Path) -> bool:
@@ -82,6 +100,11 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Path]:
     outputs: dict[str, Path] = {}
     previous = None
     for name in cfg.pipeline:
+        if name in AFTER_TRAINING:
+            if accelerator.is_main_process:
+                print(AFTER_TRAINING[name](cfg, outputs, tokenizer, out, accelerator.device))
+            accelerator.wait_for_everyone()
+            continue
         stage_cfg = getattr(cfg, name)
         stage_dir = out / name
         if stage_done(stage_dir):

@@ -1,8 +1,10 @@
 """Built-in instruction tasks whose answers a program can check, for SFT, DPO and evaluation.
 
-Each task draws an instruction, its correct answer and a plausible wrong answer (off by one,
-one swapped pair, the input left unreversed...). SFT trains on the correct answers, DPO on
-(correct, wrong) pairs, and evaluation checks greedy generations against the correct answer.
+Each task draws an instruction, its correct answer and a plausible wrong answer: the mistake
+a weak model typically makes (a carry error, the input copied instead of reversed, descending
+instead of ascending order, the smallest number for the largest, one letter too many). SFT
+trains on the correct answers, DPO on (correct, wrong) pairs, and evaluation checks greedy
+generations against the correct answer.
 
 Items are separated by spaces ("a b c", "3 1 2") so that each is one token of a byte-level
 BPE: the tasks then test the model, not the tokenizer's merges.
@@ -31,15 +33,6 @@ def _spaced(items) -> str:
     return " ".join(str(x) for x in items)
 
 
-def _swap_adjacent(items: list, rng: random.Random) -> list:
-    """The same items with one adjacent pair exchanged (the pair must differ)."""
-    pairs = [i for i in range(len(items) - 1) if items[i] != items[i + 1]]
-    out = list(items)
-    i = rng.choice(pairs)
-    out[i], out[i + 1] = out[i + 1], out[i]
-    return out
-
-
 def addition(rng: random.Random) -> TaskExample:
     a, b = rng.randrange(50), rng.randrange(50)
     wrong = a + b + rng.choice([-10, -1, 1, 10])
@@ -48,33 +41,27 @@ def addition(rng: random.Random) -> TaskExample:
 
 
 def reversal(rng: random.Random) -> TaskExample:
-    letters = rng.sample(LETTERS, rng.randint(3, 6))
-    backwards = letters[::-1]
-    wrong = letters if rng.random() < 0.5 else _swap_adjacent(backwards, rng)
-    return TaskExample("reversal", f"Reverse the letters: {_spaced(letters)}", _spaced(backwards), _spaced(wrong))
+    letters = _spaced(rng.sample(LETTERS, rng.randint(3, 6)))
+    return TaskExample("reversal", f"Reverse the letters: {letters}", letters[::-1], letters)
 
 
 def sorting(rng: random.Random) -> TaskExample:
     digits = [rng.randrange(10) for _ in range(rng.randint(3, 6))]
     while len(set(digits)) < 2:  # a constant list has no wrong order
         digits = [rng.randrange(10) for _ in range(len(digits))]
-    ordered = sorted(digits)
-    wrong = sorted(digits, reverse=True) if rng.random() < 0.5 else _swap_adjacent(ordered, rng)
-    return TaskExample("sorting", f"Sort the numbers: {_spaced(digits)}", _spaced(ordered), _spaced(wrong))
+    return TaskExample(
+        "sorting", f"Sort the numbers: {_spaced(digits)}", _spaced(sorted(digits)), _spaced(sorted(digits)[::-1])
+    )
 
 
 def counting(rng: random.Random) -> TaskExample:
     letters = [rng.choice(LETTERS) for _ in range(rng.randint(2, 9))]
-    wrong = len(letters) + rng.choice([-1, 1])
-    return TaskExample("counting", f"Count the letters: {_spaced(letters)}", str(len(letters)), str(wrong))
+    return TaskExample("counting", f"Count the letters: {_spaced(letters)}", str(len(letters)), str(len(letters) + 1))
 
 
 def maximum(rng: random.Random) -> TaskExample:
     numbers = rng.sample(range(100), rng.randint(3, 5))
-    wrong = rng.choice([n for n in numbers if n != max(numbers)])
-    return TaskExample(
-        "maximum", f"What is the largest of {_spaced(numbers)}?", str(max(numbers)), str(wrong)
-    )
+    return TaskExample("maximum", f"What is the largest of {_spaced(numbers)}?", str(max(numbers)), str(min(numbers)))
 
 
 TASKS = (addition, reversal, sorting, counting, maximum)

@@ -14,8 +14,7 @@ import copy
 import torch
 
 from ..config import StageConfig
-from ..data.chat import collate, encode_pairs, preference_splits, require_assistant_mask
-from ..data.sources import DataError
+from ..data.chat import collate, encode_pairs, preference_splits, require_assistant_mask, require_seq_len_fits
 from ..losses import dpo_sigmoid_loss, sequence_logps
 from ..trainer import LossOutput
 
@@ -30,17 +29,14 @@ class DPOStage:
     kind = "dpo"
 
     def __init__(self, cfg: StageConfig, tokenizer, seed: int, max_seq_len: int):
-        if cfg.data.seq_len > max_seq_len:
-            raise DataError(
-                f"dpo data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings={max_seq_len}"
-            )
+        require_seq_len_fits("dpo", cfg.data.seq_len, max_seq_len)
         require_assistant_mask(tokenizer)
         self.beta = cfg.dpo_beta
         self.pad_id = tokenizer.pad_token_id
-        self.pairs = {
-            split: encode_pairs(tokenizer, zip(ds["prompt"], ds["chosen"], ds["rejected"]), cfg.data.seq_len, f"dpo {split}")
-            for split, ds in preference_splits(cfg.data, seed).items()
-        }
+        self.pairs = {}
+        for split, ds in preference_splits(cfg.data, seed).items():
+            triples = zip(ds["prompt"], ds["chosen"], ds["rejected"])
+            self.pairs[split] = encode_pairs(tokenizer, triples, cfg.data.seq_len, f"dpo {split}")
         self.train_size = len(self.pairs["train"])
         self.eval_size = len(self.pairs["validation"])
         self.reference = None

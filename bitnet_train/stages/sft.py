@@ -21,8 +21,7 @@ counted. Batches are padded, not packed.
 import torch
 
 from ..config import StageConfig
-from ..data.chat import chat_splits, collate, encode_conversations, require_assistant_mask
-from ..data.sources import DataError
+from ..data.chat import chat_splits, collate, encode_conversations, require_assistant_mask, require_seq_len_fits
 from ..losses import IGNORE, next_token_loss_sum
 from ..trainer import LossOutput
 
@@ -31,10 +30,7 @@ class SFTStage:
     kind = "sft"
 
     def __init__(self, cfg: StageConfig, tokenizer, seed: int, max_seq_len: int):
-        if cfg.data.seq_len > max_seq_len:
-            raise DataError(
-                f"sft data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings={max_seq_len}"
-            )
+        require_seq_len_fits("sft", cfg.data.seq_len, max_seq_len)
         require_assistant_mask(tokenizer)
         self.pad_id = tokenizer.pad_token_id
         self.examples = {

@@ -1,0 +1,37 @@
+"""Preference metrics on held-out (chosen, rejected) pairs.
+
+preference accuracy: share of pairs where the model gives the chosen reply the higher
+    log-likelihood, log p(chosen | prompt) > log p(rejected | prompt). Defined for any model.
+reward margin: DPO's implicit reward, beta * [log p/p_ref (chosen) - log p/p_ref (rejected)],
+    averaged over pairs; reward accuracy is the share of pairs where it is positive. Both are
+    relative to a reference model (DPO's: the model it started from), so zero for the reference.
+"""
+import torch
+
+from ..data.chat import Encoded, collate
+from ..losses import sequence_logps
+
+
+@torch.no_grad()
+def pair_logps(model, tokenizer, pairs: list[tuple[Encoded, Encoded]], batch_size: int = 64) -> torch.Tensor:
+    """(pairs, 2) log-likelihoods of the chosen and the rejected reply."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        batch = collate([c for c, _ in chunk] + [r for _, r in chunk], tokenizer.pad_token_id)
+        logps = sequence_logps(model(batch["input_ids"].to(device)).logits, batch["labels"].to(device))
+        out.append(torch.stack(logps.float().cpu().chunk(2), dim=1))
+    return torch.cat(out)
+
+
+def preference_metrics(logps: torch.Tensor) -> dict[str, float]:
+    margin = logps[:, 0] - logps[:, 1]
+    return {"preference_accuracy": float((margin > 0).float().mean()), "logp_margin": float(margin.mean())}
+
+
+def reward_metrics(logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> dict[str, float]:
+    rewards = beta * (logps - reference_logps)
+    margin = rewards[:, 0] - rewards[:, 1]
+    return {"reward_margin": float(margin.mean()), "reward_accuracy": float((margin > 0).float().mean())}

@@ -1,0 +1,78 @@
+"""The table the pipeline prints at the end: each stage's checkpoint measured on the same
+held-out built-in data (instructions no stage trained on; see data/chat_tasks.py).
+
+Columns: task accuracy (exact match of greedy replies), preference accuracy and log-prob margin
+(chosen vs the plausible wrong reply), and, for a DPO stage and its reference (the model it
+started from), DPO's implicit reward margin and accuracy relative to that reference.
+"""
+import json
+from pathlib import Path
+
+from ..config import RunConfig
+from ..data.chat import encode_pairs
+from ..data.chat_tasks import preference_pair, task_examples
+from ..modeling_utils import load_checkpoint_model
+from .preference import pair_logps, preference_metrics, reward_metrics
+from .tasks import task_accuracy
+
+COLUMNS = {
+    "task_accuracy": "task accuracy",
+    "preference_accuracy": "preference accuracy",
+    "logp_margin": "log-prob margin",
+    "reward_margin": "reward margin",
+    "reward_accuracy": "reward accuracy",
+}
+
+
+def dpo_references(cfg: RunConfig, outputs: dict[str, Path]) -> dict[str, Path]:
+    """Each DPO entry's frozen reference: the checkpoint it started from (as pipeline.py picks it)."""
+    references, previous = {}, None
+    for name, path in outputs.items():
+        stage = getattr(cfg, name)
+        start = Path(stage.init_from) if stage.init_from else previous
+        if stage.kind == "dpo" and start is not None:
+            references[name] = start
+        previous = path
+    return references
+
+
+def evaluate_stages(cfg: RunConfig, outputs: dict[str, Path], tokenizer, device="cpu") -> dict[str, dict]:
+    tasks = task_examples(cfg.sft.data.num_eval_examples, held_out=True, seed=cfg.seed)
+    triples = map(preference_pair, task_examples(cfg.dpo.data.num_eval_examples, held_out=True, seed=cfg.seed))
+    pairs = encode_pairs(tokenizer, triples, cfg.dpo.data.seq_len, "report preference pairs")
+    logps, results = {}, {}
+
+    def measure(path: Path, with_tasks: bool) -> dict:
+        model = load_checkpoint_model(path, cfg.model.quantize).to(device)
+        logps[path] = pair_logps(model, tokenizer, pairs)
+        return {**(task_accuracy(model, tokenizer, tasks) if with_tasks else {}), **preference_metrics(logps[path])}
+
+    row_of = {path: name for name, path in outputs.items()}
+    for name, path in outputs.items():
+        results[name] = measure(path, with_tasks=True)
+    for name, ref in dpo_references(cfg, outputs).items():
+        if ref not in row_of:  # a DPO stage that started from a checkpoint outside this pipeline
+            row_of[ref] = f"{name} reference"
+            results[row_of[ref]] = measure(ref, with_tasks=False)
+        beta = getattr(cfg, name).dpo_beta
+        results[row_of[ref]].update(reward_metrics(logps[ref], logps[ref], beta))
+        results[name].update(reward_metrics(logps[outputs[name]], logps[ref], beta))
+    return results
+
+
+def format_table(results: dict[str, dict]) -> str:
+    header = ["stage", *COLUMNS.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for name, row in results.items():
+        cells = [f"{row[k]:.3f}" if k in row else "" for k in COLUMNS]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def write_report(cfg: RunConfig, outputs: dict[str, Path], tokenizer, out_dir: Path, device="cpu") -> str:
+    """Measure every stage, save report.json and report.md in the run directory, return the table."""
+    results = evaluate_stages(cfg, outputs, tokenizer, device)
+    table = format_table(results)
+    (out_dir / "report.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "report.md").write_text(table + "\n")
+    return table

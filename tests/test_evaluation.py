@@ -1,0 +1,52 @@
+"""Evaluation: batched greedy decoding, preference and reward metrics, the report's reference."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitnet_train.cli import compose_config
+from bitnet_train.data.chat import generation_prompt
+from bitnet_train.data.chat_tasks import chat_messages, task_examples
+from bitnet_train.data.tokenizer import builtin_tokenizer
+from bitnet_train.evaluation import greedy_replies, preference_metrics, reward_metrics
+from bitnet_train.evaluation.report import dpo_references, format_table
+from bitnet_train.modeling_utils import build_model
+
+
+def test_batched_greedy_replies_equal_one_prompt_at_a_time():
+    tok = builtin_tokenizer(4096)
+    cfg = compose_config([])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tok)
+    # Prompts of different lengths, so the batch is left-padded.
+    prompts = [generation_prompt(tok, chat_messages(ex)) for ex in task_examples(6, held_out=True, seed=0)]
+    assert len({len(p) for p in prompts}) > 1
+    batched = greedy_replies(model, tok, prompts, max_new_tokens=6)
+    assert batched == [greedy_replies(model, tok, [p], max_new_tokens=6)[0] for p in prompts]
+
+
+def test_preference_and_reward_metrics_by_hand():
+    policy = torch.tensor([[-1.0, -2.0], [-3.0, -2.5], [-1.0, -1.0]])  # (chosen, rejected) per pair
+    reference = torch.tensor([[-1.5, -1.5], [-3.0, -2.0], [-1.0, -1.0]])
+    assert preference_metrics(policy) == pytest.approx({"preference_accuracy": 1 / 3, "logp_margin": 0.5 / 3})
+    # reward margins: 0.1 * [(0.5 - -0.5), (0 - -0.5), 0] = [0.1, 0.05, 0]
+    assert reward_metrics(policy, reference, beta=0.1) == pytest.approx(
+        {"reward_margin": 0.05, "reward_accuracy": 2 / 3}
+    )
+    assert reward_metrics(reference, reference, beta=0.1) == {"reward_margin": 0.0, "reward_accuracy": 0.0}
+
+
+def test_the_dpo_reference_is_the_checkpoint_the_stage_started_from():
+    outputs = {"pretrain": Path("p"), "sft": Path("s"), "dpo": Path("d")}
+    cfg = compose_config([])
+    assert dpo_references(cfg, outputs) == {"dpo": Path("s")}
+    cfg = compose_config(["dpo.init_from=/elsewhere"])
+    assert dpo_references(cfg, outputs) == {"dpo": Path("/elsewhere")}
+
+
+def test_table_leaves_blank_what_a_stage_did_not_measure():
+    table = format_table({"pretrain": {"task_accuracy": 0.0}, "dpo": {"task_accuracy": 0.25, "reward_margin": 0.5}})
+    lines = table.splitlines()
+    assert lines[0].startswith("| stage | task accuracy |")
+    assert lines[2] == "| pretrain | 0.000 |  |  |  |  |"
+    assert lines[3] == "| dpo | 0.250 |  |  | 0.500 |  |"
