@@ -1,5 +1,6 @@
 """Generation with the engine: prefill the prompt once, then decode one token per step from the
 KV cache. Greedy (temperature 0) or sampled (temperature, top-k, top-p)."""
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,10 @@ def generate(
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
     stop_ids: tuple[int, ...] = (),
+    stop_when: Callable[[list[int]], bool] | None = None,
 ) -> list[int]:
-    """The new token ids after `prompt` (ending with a stop id when one was produced)."""
+    """The new token ids after `prompt`, ending early at a stop id or when stop_when(new ids) holds
+    (e.g. a stop string appeared in their text)."""
     if not prompt:
         raise ValueError("generate needs at least one prompt token (e.g. the tokenizer's bos)")
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
@@ -54,7 +57,7 @@ def generate(
     while len(out) < max_new_tokens:
         token = next_token(logits[0, -1], sampling, generator)
         out.append(token)
-        if token in stop_ids or len(out) == max_new_tokens:
+        if token in stop_ids or len(out) == max_new_tokens or (stop_when is not None and stop_when(out)):
             break
         logits = engine.forward(torch.tensor([[token]]), cache)
     return out
