@@ -36,7 +36,7 @@ class ShapeResult:
     gemv_us: float  # ours, M = 1, weights streamed from DRAM
     gemv_torch_us: float
     gemv_cached_us: float  # ours, M = 1, one weight copy that stays in cache: the compute ceiling
-    read_gbs: float  # memory read bandwidth, measured interleaved with the GEMVs
+    read_gbs: float  # memory read bandwidth, measured right after the GEMVs
     gemm_ms: float  # ours, M = prefill
     gemm_torch_ms: float
 
@@ -106,12 +106,12 @@ def copy_gbs(nbytes: int, reps: int = 10) -> float:
     return 2 * nbytes / median_us(lambda: dst.copy_(src), reps) / 1e3
 
 
-def read_probe(nbytes: int, threads: int):
-    """A call that streams `nbytes` with numpy's SIMD max, one slice per thread (numpy releases
-    the GIL): a pure read stream like a GEMV's, cheap enough per byte to be bound by memory."""
+def read_gbs(nbytes: int, threads: int, reps: int) -> float:
+    """numpy's SIMD max over `nbytes`, one slice per thread (numpy releases the GIL): a pure read
+    stream like a GEMV's, cheap enough per byte to be bound by memory alone."""
     slices = np.array_split(np.ones(nbytes, dtype=np.uint8), threads)
-    pool = ThreadPoolExecutor(threads)
-    return lambda: list(pool.map(np.max, slices))
+    with ThreadPoolExecutor(threads) as pool:
+        return nbytes / median_us(lambda: list(pool.map(np.max, slices)), reps) / 1e3
 
 
 def rotation(make, nbytes_each: int, stream_bytes: int):
@@ -130,24 +130,23 @@ def bench_shape(out_features, in_features, prefill_tokens, stream_bytes, threads
     scale = float(s)
     forward = cpu._native().bitlinear_forward
 
-    # The read probe runs interleaved with the GEMVs, so on a shared machine both see the same load.
     x1 = torch.randn(1, in_features)
-    gemv_us, gemv_torch_us, read_us = interleaved_us(
-        [
-            lambda: forward(x1.numpy(), next(packed), scale, in_features),
-            lambda: F.linear(x1, next(dense)),
-            read_probe(stream_bytes, threads),
-        ],
+    gemv_us, gemv_torch_us = interleaved_us(
+        [lambda: forward(x1.numpy(), next(packed), scale, in_features), lambda: F.linear(x1, next(dense))],
         reps,
     )
-    (gemv_cached_us,) = interleaved_us([lambda: forward(x1.numpy(), qweight.numpy(), scale, in_features)], reps)
+    # Right after the GEMVs, so on a shared machine both see about the same load. Not interleaved
+    # with them: a 128 MB sweep just before each call made the 640x2560 GEMV 2.4x slower
+    # (60 -> 145 us), a state decode, with its layers back to back, does not meet.
+    read = read_gbs(stream_bytes, threads, max(5, reps // 20))
+    gemv_cached_us = median_us(lambda: forward(x1.numpy(), qweight.numpy(), scale, in_features), reps)
     xm = torch.randn(prefill_tokens, in_features)
     gemm_us, gemm_torch_us = interleaved_us(
         [lambda: forward(xm.numpy(), qweight.numpy(), scale, in_features), lambda: F.linear(xm, w)],
         max(5, reps // 20),
     )
     return ShapeResult(
-        out_features, in_features, gemv_us, gemv_torch_us, gemv_cached_us, stream_bytes / read_us / 1e3,
+        out_features, in_features, gemv_us, gemv_torch_us, gemv_cached_us, read,
         gemm_us / 1e3, gemm_torch_us / 1e3,
     )
 
@@ -172,7 +171,7 @@ def format_table(r: BenchResult) -> str:
     lines = [
         f"CPU: {r.cpu_model}, {r.threads} threads, backend avx2, load average {r.load_average:.1f} "
         f"before the run. Copy bandwidth {r.copy_gbs:.1f} GB/s (read + write); read bandwidth "
-        f"(parallel numpy max) measured per shape, interleaved with the GEMVs. Medians.",
+        f"(parallel numpy max) measured per shape right after its GEMVs. Medians.",
         "",
         f"| out x in | GEMV ours (us) | GEMV torch fp32 (us) | speed-up | weight GB/s | read BW GB/s | "
         f"% of read BW | % of copy BW | in-cache GB/s | GEMM M={r.prefill_tokens} ours (ms) | "

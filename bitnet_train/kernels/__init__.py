@@ -1,8 +1,10 @@
 """Inference kernels for ternary weights x int8 activations, one small door per device.
 
-- `bitnet_train.kernels.cpu`: quantize_activations, ternary_matmul_int, bitlinear, backend;
-  compiled AVX2 kernels (kernels/cpu) with a pure-torch fallback.
+- `bitnet_train.kernels.cpu`: compiled AVX2 kernels (kernels/cpu, built by `pip install`),
+  falling back to a pure-torch reference.
+- `bitnet_train.kernels.cuda`: the W2A8 CUDA kernels (kernels/cuda).
 
-Weights are in the packed layout of docs/formats.md (bitnet_train.packing), quantization follows
-bitnet_train.quant; each door keeps a torch reference beside it that its tests compare against.
+Each door offers quantize_activations(x), ternary_matmul_int(a, qweight) and
+bitlinear(x, qweight, qscale, in_features) with the same results. Weights are in the packed
+layout of docs/formats.md (bitnet_train.packing); quantization follows bitnet_train.quant.
 """
