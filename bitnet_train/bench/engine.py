@@ -25,7 +25,7 @@ from ..engine.weights import ATTENTION, GATE_UP, HEAD_DTYPES, Head, build_weight
 from ..kernels import cpu
 from ..model import BitNetTrainConfig
 from ..packing import packed_row_bytes
-from .kernels import cpu_model, l3_bytes, measure_bandwidth
+from .kernels import cpu_model
 
 SHAPE_2B4T = dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
                   num_key_value_heads=5, vocab_size=128256, max_position_embeddings=4096,
@@ -64,6 +64,18 @@ def random_2b4t(head_dtype: str = "fp32", seed: int = 0, **overrides) -> tuple[E
         return 1.0 + 0.1 * torch.randn(h if "mlp.ffn_sub_norm" not in name else i, generator=gen)  # norms
 
     return Engine(build_weights(config, get, head_dtype), device="cpu"), embed
+
+
+def read_gbs(nbytes: int = 1 << 30, reps: int = 7) -> float:
+    """This machine's read bandwidth now: median time of torch summing a buffer far beyond L3."""
+    buf = torch.ones(nbytes // 4)
+    buf.sum()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
 
 
 @dataclass
@@ -165,14 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     set_cpu_threads(args.threads)
     engine, embed = random_2b4t(**({"num_hidden_layers": args.layers} if args.layers else {}))
     prompt = torch.randint(0, engine.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    _, read_gbs = measure_bandwidth(4 * l3_bytes())
+    bandwidth = read_gbs()
     results, reference = [], None
     for head_dtype in ["fp32", *[h for h in heads if h != "fp32"]]:  # fp32 first: the reference
         result, logits, tokens = bench_head(engine, embed, head_dtype, prompt, args.decode, args.reps, reference)
         reference = reference or (logits, tokens)
         if head_dtype in heads:
             results.append(result)
-    print(format_table(results, args.threads, read_gbs, args.prompt, args.decode))
+    print(format_table(results, args.threads, bandwidth, args.prompt, args.decode))
 
 
 if __name__ == "__main__":

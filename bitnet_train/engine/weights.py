@@ -41,10 +41,9 @@ class TernaryLinear:
     in_features: int
     splits: tuple[int, ...]  # rows per projection, in order
 
-    @property
-    def single_scale(self) -> torch.Tensor | None:
-        """s_w (one element) when there is one projection: the door's bitlinear call then applies it."""
-        return self.row_scale[:1] if len(self.splits) == 1 else None
+    def __post_init__(self):
+        # One projection: its s_w (one element), so the door's bitlinear call can apply it.
+        self.single_scale = self.row_scale[:1] if len(self.splits) == 1 else None
 
     def to(self, device) -> "TernaryLinear":
         return TernaryLinear(self.qweight.to(device), self.row_scale.to(device), self.in_features, self.splits)
