@@ -1,10 +1,11 @@
 """Built-in instruction tasks whose answers a program can check, for SFT, DPO and evaluation.
 
-Each task draws an instruction, its correct answer and a plausible wrong answer: the mistake
-a weak model typically makes (a carry error, the input copied instead of reversed, descending
-instead of ascending order, the smallest number for the largest, one letter too many). SFT
-trains on the correct answers, DPO on (correct, wrong) pairs, and evaluation checks greedy
-generations against the correct answer.
+Each task draws an instruction, its correct answer and a plausible wrong answer. The wrong
+answers are one consistent kind of mistake per task (one too many, the input copied instead of
+reversed, descending instead of ascending, the smallest for the largest), as a model's own
+errors tend to be: a preference signal DPO can learn from a few hundred pairs. SFT trains on the
+correct answers, DPO on (correct, wrong) pairs, and evaluation checks greedy generations
+against the correct answer.
 
 Items are separated by spaces ("a b c", "3 1 2") so that each is one token of a byte-level
 BPE: the tasks then test the model, not the tokenizer's merges.
@@ -35,9 +36,7 @@ def _spaced(items) -> str:
 
 def addition(rng: random.Random) -> TaskExample:
     a, b = rng.randrange(50), rng.randrange(50)
-    wrong = a + b + rng.choice([-10, -1, 1, 10])
-    wrong = wrong if wrong >= 0 else a + b + 1
-    return TaskExample("addition", f"What is {a} + {b}?", str(a + b), str(wrong))
+    return TaskExample("addition", f"What is {a} + {b}?", str(a + b), str(a + b + 1))
 
 
 def reversal(rng: random.Random) -> TaskExample:
