@@ -42,18 +42,18 @@ def evaluate_stages(cfg: RunConfig, outputs: dict[str, Path], tokenizer, device=
     pairs = encode_pairs(tokenizer, triples, cfg.dpo.data.seq_len, "report preference pairs")
     logps, results = {}, {}
 
-    def measure(path: Path, with_tasks: bool) -> dict:
+    def measure(path: Path) -> dict:
         model = load_checkpoint_model(path, cfg.model.quantize).to(device)
         logps[path] = pair_logps(model, tokenizer, pairs)
-        return {**(task_accuracy(model, tokenizer, tasks) if with_tasks else {}), **preference_metrics(logps[path])}
+        return {**task_accuracy(model, tokenizer, tasks), **preference_metrics(logps[path])}
 
     row_of = {path: name for name, path in outputs.items()}
     for name, path in outputs.items():
-        results[name] = measure(path, with_tasks=True)
+        results[name] = measure(path)
     for name, ref in dpo_references(cfg, outputs).items():
         if ref not in row_of:  # a DPO stage that started from a checkpoint outside this pipeline
             row_of[ref] = f"{name} reference"
-            results[row_of[ref]] = measure(ref, with_tasks=False)
+            results[row_of[ref]] = measure(ref)
         beta = getattr(cfg, name).dpo_beta
         results[row_of[ref]].update(reward_metrics(logps[ref], logps[ref], beta))
         results[name].update(reward_metrics(logps[outputs[name]], logps[ref], beta))
