@@ -56,6 +56,13 @@ def backend() -> str:
     return ext.get_backend() if ext is not None else "torch"
 
 
+def set_num_threads(n: int) -> None:
+    """Threads the compiled kernels use (default: all hardware threads). On a machine shared
+    with other busy processes, 1 avoids waiting on a preempted helper (docs/bench_kernels.md)."""
+    if _ext is not None:
+        _ext.set_num_threads(n)
+
+
 def _cpu(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.device.type != "cpu":
         raise ValueError(f"{name} must be on the CPU, got device {t.device}")
