@@ -2,8 +2,8 @@
 
 The one door callers use: torch tensors in, torch tensors out. It runs the compiled kernels
 (bitnet_train._cpu_kernels, built from kernels/cpu by `pip install`) and falls back, after one
-warning, to the pure-torch reference below when the extension was not built or the CPU lacks
-AVX2. The reference is also what tests/test_cpu_kernels.py holds the kernels to.
+warning, to the pure-torch reference below when the extension was not built; on a CPU without
+AVX2 the extension runs its portable scalar path. The reference is also what tests/test_cpu_kernels.py holds the kernels to.
 
 Shapes: x (M, K) float; a (M, Kpad) int8 with Kpad = ceil(K / 128) * 128 (zero padded);
 qweight (N, Kpad / 4) uint8 in the docs/formats.md layout; qscale the weight multiplier s_w
@@ -27,27 +27,31 @@ except ImportError as err:  # built without a compiler: the package installs any
 _warned = False
 
 
-def _fallback_reason() -> str | None:
-    if _ext is None:
-        return (
-            f"the compiled CPU kernels (bitnet_train._cpu_kernels) are missing ({_EXT_ERROR}); "
-            "install a C++17 compiler (e.g. g++) and reinstall with `pip install -e .`"
-        )
-    if "avx2" not in _ext.available_backends():
-        return "this CPU lacks AVX2, which the compiled CPU kernels are written for"
-    return None
-
-
 def _native():
-    """The compiled module, or None (after warning once why) when the torch reference must run."""
+    """The compiled module, or None (after warning once why) when the torch reference must run.
+
+    A CPU without AVX2 still gets compiled code: the extension's portable scalar path, which
+    it selects at run time (warned once, since it is several times slower)."""
     global _warned
-    reason = _fallback_reason()
-    if reason is None:
-        return _ext
-    if not _warned:
-        warnings.warn(f"{reason}; using the much slower pure-torch reference", RuntimeWarning, stacklevel=3)
+    if _ext is None:
+        if not _warned:
+            warnings.warn(
+                f"the compiled CPU kernels (bitnet_train._cpu_kernels) are missing ({_EXT_ERROR}); install a "
+                "C++17 compiler (e.g. g++) and reinstall with `pip install -e .`; using the much slower "
+                "pure-torch reference",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _warned = True
+        return None
+    if "avx2" not in _ext.available_backends() and not _warned:
+        warnings.warn(
+            "this CPU lacks AVX2: running the compiled kernels' portable scalar path (exact, slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         _warned = True
-    return None
+    return _ext
 
 
 def backend() -> str:
