@@ -64,7 +64,9 @@ def rank_overrides(argv: list[str]) -> list[str]:
         )
     if int(os.environ.get("RANK", "0")) == 0:
         return []
-    return ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    # Other ranks: no .hydra/, logs to stdout only, and a run dir that already exists (the working
+    # directory; jobs do not chdir) so that Hydra creates nothing on disk.
+    return ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.run.dir=."]
 
 
 def train_main(argv: list[str]) -> None:

@@ -278,11 +278,22 @@ def save_final(model, tokenizer, path: Path, state_dict: dict | None = None) -> 
     """The stage's output: a transformers checkpoint directory with the tokenizer beside it.
     `state_dict`: the full weights of a sharded model (its own parameters hold one shard)."""
 
+    if state_dict is not None:
+        state_dict = without_tied_copies(model, state_dict)
+
     def fill(tmp: Path):
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
     atomic_directory(path, fill)
+
+
+def without_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:
+    """A gathered state dict holds tied weights once per name (lm_head = embed_tokens); keep the
+    first name only, so the file is the one a single-process run writes."""
+    first: dict[int, str] = {}
+    copies = {name for name, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), name) != name}
+    return {k: v for k, v in state_dict.items() if k not in copies}
 
 
 def shards_state(acc: Accelerator) -> bool:
