@@ -275,6 +275,12 @@ def test_eval_command_prints_perplexity_and_a_generation(exported, monkeypatch, 
     assert "perplexity" in out and "generation" in out
 
 
+def test_eval_command_names_a_missing_export_without_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["bitnet-train", "eval", str(tmp_path / "nope"), "--ppl", "builtin"])
+    with pytest.raises(SystemExit, match="nope is not a directory; pass an export made by `bitnet-train export`"):
+        cli.main()
+
+
 # ---------------------------------------------------------------- GPU
 
 

@@ -12,6 +12,7 @@ import json
 import torch
 from transformers import AutoTokenizer
 
+from ..checkpoint import CheckpointError
 from ..kernels import cpu
 from .generate import Sampling, generate
 from .model import Engine
@@ -54,7 +55,10 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     if args.threads:
         set_cpu_threads(args.threads)
-    engine = Engine.from_export(args.export_dir, args.head_dtype, args.device)
+    try:
+        engine = Engine.from_export(args.export_dir, args.head_dtype, args.device)
+    except CheckpointError as e:  # names the file and what to do: no traceback needed
+        raise SystemExit(f"bitnet-train eval: {e}")
     tokenizer = AutoTokenizer.from_pretrained(args.export_dir)
     print(f"engine: {args.export_dir} on {engine.device} "
           f"({cpu.backend() if engine.device.type == 'cpu' else 'cuda'} kernels), head {args.head_dtype}")
