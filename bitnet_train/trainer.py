@@ -159,7 +159,7 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
         log.info("resumed %s from %s (step %d of %d)", stage.kind, resume_from, start, steps)
 
     def save(step: int) -> None:
-        if not all_finite(model):
+        if not (all_finite_on_every_rank(acc, model) if sharded else all_finite(model)):
             raise CheckpointError("refusing to save non-finite weights; the last good checkpoint is kept")
         trainer_state = {"stream": stream.state_dict(), **state, "total_steps": steps}
         if sharded:
@@ -286,6 +286,15 @@ def save_final(model, tokenizer, path: Path, state_dict: dict | None = None) -> 
         tokenizer.save_pretrained(tmp)
 
     atomic_directory(path, fill)
+
+
+def all_finite_on_every_rank(acc: Accelerator, model: torch.nn.Module) -> bool:
+    """all_finite for sharded weights: each rank checks the part it holds (FSDP2's DTensor
+    parameters are checked locally), and all ranks reach the same verdict, so none of them
+    goes on into a collective save that the others refuse."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    bad = sum(int(not torch.isfinite(t).all()) for t in local)
+    return global_sum(acc, bad) == 0
 
 
 def without_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:
