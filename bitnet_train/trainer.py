@@ -79,7 +79,14 @@ class RunContext:
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped early on purpose (signal, too many non-finite steps); a checkpoint was saved."""
+    """The run stopped early on purpose (signal, too many non-finite steps); a checkpoint was saved.
+
+    `exit_code` follows the shell's convention: 128 + signal number after a signal.
+    """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def decay_mask_groups(model: torch.nn.Module) -> list[dict]:
@@ -144,6 +151,8 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
     wrapped, optimizer = acc.prepare(model, optimizer)
     model = acc.unwrap_model(wrapped)
     ckpt = Checkpointer(ctx.stage_dir / "checkpoints", cfg.keep_checkpoints)
+    if acc.is_main_process:
+        ckpt.remove_partial()
     logger = MetricsLogger(
         ctx.stage_dir / "metrics.jsonl", ctx.logging, ctx.run_name, ctx.run_config, enabled=acc.is_main_process
     )
@@ -209,7 +218,8 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
                 save(done)
                 raise TrainingStopped(
                     f"{state['nonfinite_skips']} non-finite steps (max_nonfinite_steps={cfg.max_nonfinite_steps}) "
-                    f"in stage {stage.kind}; saved step {done}. Lower the LR or check the data, then resume."
+                    f"in stage {stage.kind}; saved step {done}. Lower the LR or check the data, then resume.",
+                    exit_code=3,
                 )
             if done % cfg.eval_every == 0 or done == steps:
                 val = evaluate(stage, wrapped if sharded else model, cfg, acc, autocast)
@@ -221,7 +231,8 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
                 if done % cfg.save_every != 0 and done != steps:
                     save(done)
                 raise TrainingStopped(
-                    f"stopped by signal {stop.signum} at step {done}; run the same command to resume"
+                    f"stopped by signal {stop.signum} at step {done}; run the same command to resume",
+                    exit_code=128 + stop.signum,
                 )
     bar.close()
     # Sharded weights are gathered by every rank together; the others pass None and save nothing.
