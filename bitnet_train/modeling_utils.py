@@ -3,6 +3,7 @@ import json
 import logging
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from transformers import AutoConfig
 
 from .config import ModelConfig
@@ -10,10 +11,13 @@ from .model import BitNetTrainConfig, BitNetTrainForCausalLM
 
 log = logging.getLogger(__name__)
 
+MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
 
-def model_config(cfg: ModelConfig, tokenizer) -> BitNetTrainConfig:
+
+def model_config(cfg: ModelConfig, vocab_size: int, **special_token_ids) -> BitNetTrainConfig:
+    """The transformers config of a ModelConfig; `special_token_ids`: bos/eos/pad_token_id."""
     return BitNetTrainConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers,
@@ -24,15 +28,21 @@ def model_config(cfg: ModelConfig, tokenizer) -> BitNetTrainConfig:
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=cfg.tie_word_embeddings,
         initializer_range=cfg.initializer_range,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         quantize=cfg.quantize,
+        **special_token_ids,
     )
 
 
+def named_model_config(name: str, vocab_size: int) -> BitNetTrainConfig:
+    """A configs/model/NAME.yaml architecture (read with OmegaConf: Hydra's compose costs seconds)."""
+    raw = OmegaConf.load(MODEL_CONFIGS / f"{name}.yaml")
+    raw.pop("defaults", None)
+    return model_config(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw)), vocab_size)
+
+
 def build_model(cfg: ModelConfig, tokenizer) -> BitNetTrainForCausalLM:
-    model = BitNetTrainForCausalLM(model_config(cfg, tokenizer))
+    ids = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+    model = BitNetTrainForCausalLM(model_config(cfg, len(tokenizer), **ids))
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model

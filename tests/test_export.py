@@ -22,10 +22,10 @@ from bitnet_train.export.own_format import PackedBitLinear, load_packed_model
 from bitnet_train.export.sizes import (
     LLAMA3_VOCAB,
     PAPER_2B4T_NON_EMBEDDING_GB,
-    model_config,
     non_embedding_bytes,
     ternary_shapes,
 )
+from bitnet_train.modeling_utils import named_model_config
 from bitnet_train.export.source import TernaryWeight, load_training_model, read_checkpoint
 from bitnet_train.model import BitNetTrainConfig, BitNetTrainForCausalLM
 from bitnet_train.modeling_utils import load_checkpoint_model
@@ -227,7 +227,7 @@ def test_size_report_gives_each_files_bytes_and_bits_per_weight(exported):
 
 
 def test_2b4t_estimate_from_the_config_alone():
-    config = model_config("2b4t", LLAMA3_VOCAB)
+    config = named_model_config("2b4t", LLAMA3_VOCAB)
     assert sum(o * i for o, i in ternary_shapes(config)) == 30 * (2 * 2560 * 2560 + 2 * 640 * 2560 + 3 * 6912 * 2560)
     two_bit, base3 = non_embedding_bytes(config, packed_row_bytes), non_embedding_bytes(config, base3_row_bytes)
     assert 0.52e9 < two_bit < 0.525e9  # 2.08 B weights at 2 bits

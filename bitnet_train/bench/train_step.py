@@ -9,19 +9,8 @@ import time
 
 import torch
 
-from ..cli import compose_config
 from ..model import BitNetTrainConfig, BitNetTrainForCausalLM
-from ..modeling_utils import model_config
-
-
-class _Vocab:
-    """Just enough of a tokenizer for model_config: the bench needs no real one."""
-
-    def __init__(self, n: int):
-        self.n, self.bos_token_id, self.eos_token_id, self.pad_token_id = n, 0, 1, 1
-
-    def __len__(self):
-        return self.n
+from ..modeling_utils import named_model_config
 
 
 def step_time(model, optimizer, ids) -> float:
@@ -34,7 +23,7 @@ def step_time(model, optimizer, ids) -> float:
 
 
 def run(size: str, batch: int, seq: int, reps: int, vocab: int) -> dict[str, float]:
-    base = model_config(compose_config([f"model={size}"]).model, _Vocab(vocab)).to_dict()
+    base = named_model_config(size, vocab).to_dict()
     models = {}
     for quantize in (True, False):
         torch.manual_seed(0)

@@ -13,8 +13,8 @@ import gguf
 import torch
 from omegaconf import OmegaConf
 
-from ..config import ModelConfig
 from ..model import BitNetTrainConfig, BitNetTrainForCausalLM
+from ..modeling_utils import named_model_config
 from ..packing import base3_row_bytes, packed_row_bytes
 from ..quant import BitLinear
 from .gguf_format import gguf_name
@@ -24,7 +24,6 @@ EMBEDDING_TENSORS = {*EMBEDDING_NAMES, *map(gguf_name, EMBEDDING_NAMES)}  # our 
 
 PAPER_2B4T_NON_EMBEDDING_GB = 0.4
 LLAMA3_VOCAB = 128256  # 2B4T's tokenizer (REFERENCE.md section 2)
-MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 # bytes of one packed row of `in_features` ternary values
 ROW_BYTES = {
     "own (2-bit)": packed_row_bytes,
@@ -98,24 +97,8 @@ def non_embedding_bytes(config: BitNetTrainConfig, row_bytes) -> float:
     return packed + 4 * rest
 
 
-def model_config(name: str, vocab_size: int) -> BitNetTrainConfig:
-    """A configs/model/NAME.yaml architecture (read with OmegaConf: Hydra's compose costs seconds)."""
-    raw = OmegaConf.load(MODEL_CONFIGS / f"{name}.yaml")
-    raw.pop("defaults", None)
-    cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
-    return BitNetTrainConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-    )
-
-
 def format_2b4t_estimate() -> str:
-    config = model_config("2b4t", LLAMA3_VOCAB)
+    config = named_model_config("2b4t", LLAMA3_VOCAB)
     n = sum(o * i for o, i in ternary_shapes(config))
     sizes = ", ".join(f"{label} {non_embedding_bytes(config, rb) / 1e9:.3f} GB" for label, rb in ROW_BYTES.items())
     return (
