@@ -38,6 +38,13 @@ def test_every_recipe_composes(recipe):
     compose_config([f"recipes={recipe}"])
 
 
+def test_a_stage_data_preset_is_chosen_per_stage():
+    cfg = compose_config(["data@sft.data=ultrachat", "data@dpo.data=ultrafeedback"])
+    assert (cfg.sft.data.source, cfg.sft.data.name) == ("hub", "HuggingFaceH4/ultrachat_200k")
+    assert cfg.dpo.data.validation_split == "test_prefs"
+    assert cfg.pretrain.data.source == "builtin"
+
+
 def test_mistyped_key_fails_naming_it():
     with pytest.raises(ConfigCompositionException, match="pretrain.schedule.lr_pek"):
         compose_config(["pretrain.schedule.lr_pek=1e-3"])
