@@ -53,16 +53,7 @@ def unpack_ternary(
     packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """The ternary codes (out, in_features) of a packed weight, as `dtype` (float32 or int8 ...)."""
-    if packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise ValueError(
-            f"unpack_ternary: packed must be a 2-D uint8 tensor, got {packed.dtype} "
-            f"of shape {tuple(packed.shape)}"
-        )
-    if packed.shape[1] != packed_row_bytes(in_features):
-        raise ValueError(
-            f"unpack_ternary: in_features={in_features} needs {packed_row_bytes(in_features)} "
-            f"bytes per row, packed has {packed.shape[1]}"
-        )
+    _check_packed("unpack_ternary", packed, in_features, packed_row_bytes(in_features))
     out_features = packed.shape[0]
     blocks = packed.view(out_features, -1, 1, BLOCK_BYTES)
     u = (blocks >> _SHIFTS.view(1, 1, -1, 1)) & 3
@@ -70,6 +61,16 @@ def unpack_ternary(
         raise ValueError("unpack_ternary: packed holds the code 3, which is not t + 1 for any ternary t")
     codes = u.view(out_features, -1)[:, :in_features].to(torch.int8) - 1
     return codes.to(dtype)
+
+
+def _check_packed(name: str, packed: torch.Tensor, in_features: int, row_bytes: int) -> None:
+    """A row-major packed weight: 2-D uint8 with the row length its layout needs."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"{name}: packed must be a 2-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+    if packed.shape[1] != row_bytes:
+        raise ValueError(
+            f"{name}: in_features={in_features} needs {row_bytes} bytes per row, packed has {packed.shape[1]}"
+        )
 
 
 def _unpack_error(name: str, what: str) -> ValueError:
@@ -135,16 +136,7 @@ def unpack_ternary_base3(
     packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """The ternary codes (out, in_features) of a base-3 packed weight."""
-    if packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise ValueError(
-            f"unpack_ternary_base3: packed must be a 2-D uint8 tensor, got {packed.dtype} "
-            f"of shape {tuple(packed.shape)}"
-        )
-    if packed.shape[1] != base3_row_bytes(in_features):
-        raise ValueError(
-            f"unpack_ternary_base3: in_features={in_features} needs {base3_row_bytes(in_features)} "
-            f"bytes per row, packed has {packed.shape[1]}"
-        )
+    _check_packed("unpack_ternary_base3", packed, in_features, base3_row_bytes(in_features))
     if (packed > 242).any():
         raise _unpack_error("unpack_ternary_base3", f"packed holds the byte {int(packed.max())} > 3^5 - 1")
     u = packed.unsqueeze(-1) // _POWERS_OF_3 % 3
