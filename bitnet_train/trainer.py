@@ -52,6 +52,7 @@ class LossOutput:
 
 class Stage(Protocol):
     kind: str
+    token_loss: bool  # the loss is a next-token NLL, so exp(val loss) is a perplexity
     train_size: int
     eval_size: int
 
@@ -281,7 +282,8 @@ def evaluate(stage: Stage, model, cfg: StageConfig, acc: Accelerator, autocast) 
             totals[k] = totals.get(k, 0.0) + float(v)
     units = global_sum(acc, units)
     record = {f"val/{k}": global_sum(acc, v) / units for k, v in totals.items()}
-    record["val/ppl"] = math.exp(min(record["val/loss"], 50.0))
+    if stage.token_loss:
+        record["val/ppl"] = math.exp(min(record["val/loss"], 50.0))
     return record
 
 

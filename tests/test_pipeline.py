@@ -5,6 +5,7 @@ import pytest
 
 from bitnet_train.checkpoint import verify_manifest
 from bitnet_train.cli import compose_config
+from bitnet_train.metrics import read_jsonl
 from bitnet_train.pipeline import run_pipeline, validate_run
 
 TINY = [
@@ -32,6 +33,10 @@ def test_pretrain_sft_dpo_writes_every_checkpoint_and_the_report(tmp_path):
     assert {"task_accuracy", "preference_accuracy", "reward_margin"} <= set(report["dpo"])
     table = (tmp_path / "report.md").read_text()
     assert "| dpo |" in table and "task accuracy" in table
+    # Perplexity is logged where the loss is a token NLL, and only there.
+    for name, expect_ppl in [("sft", True), ("dpo", False)]:
+        evals = [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "val/loss" in r]
+        assert evals and all(("val/ppl" in r) == expect_ppl for r in evals)
 
 
 def test_a_stage_starts_from_a_transformers_bitnet_checkpoint(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ def test_a_few_steps_lower_the_loss(tmp_path, tiny_overrides):
     val = [v for _, v in losses(stage, "val/loss")]
     assert train[-1] < train[0] - 1.0
     assert val[-1] < val[0]
+    assert all("val/ppl" in r for r in read_jsonl(stage / "metrics.jsonl") if "val/loss" in r)
     assert (stage / "loss.png").stat().st_size > 10_000
     verify_manifest(stage / "final")
     model = BitNetTrainForCausalLM.from_pretrained(stage / "final")

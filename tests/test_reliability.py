@@ -155,7 +155,8 @@ class PoisonedLoss:
 
     def __init__(self, stage, bad_steps: set[int]):
         self.stage, self.bad_steps, self.step = stage, bad_steps, 0
-        self.kind, self.train_size, self.eval_size = stage.kind, stage.train_size, stage.eval_size
+        self.kind, self.token_loss = stage.kind, stage.token_loss
+        self.train_size, self.eval_size = stage.train_size, stage.eval_size
 
     def batch(self, split, idx):
         if split == "train":

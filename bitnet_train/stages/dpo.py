@@ -27,6 +27,7 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 class DPOStage:
     kind = "dpo"
+    token_loss = False
 
     def __init__(self, cfg: StageConfig, tokenizer, seed: int, max_seq_len: int):
         require_seq_len_fits("dpo", cfg.data.seq_len, max_seq_len)

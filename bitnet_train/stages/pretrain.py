@@ -19,6 +19,7 @@ def builtin_text(cfg: StageConfig) -> DatasetDict:
 
 class PretrainStage:
     kind = "pretrain"
+    token_loss = True
 
     def __init__(self, cfg: StageConfig, tokenizer, seed: int, max_seq_len: int):
         if cfg.data.seq_len > max_seq_len:

@@ -28,6 +28,7 @@ from ..trainer import LossOutput
 
 class SFTStage:
     kind = "sft"
+    token_loss = True
 
     def __init__(self, cfg: StageConfig, tokenizer, seed: int, max_seq_len: int):
         require_seq_len_fits("sft", cfg.data.seq_len, max_seq_len)
