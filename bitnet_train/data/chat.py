@@ -39,14 +39,6 @@ class Encoded:
     labels: list[int]
 
 
-def require_seq_len_fits(what: str, seq_len: int, max_seq_len: int) -> None:
-    if seq_len > max_seq_len:
-        raise DataError(
-            f"{what} data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_seq_len}; "
-            "lower data.seq_len"
-        )
-
-
 def tokenizer_name(tokenizer) -> str:
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 

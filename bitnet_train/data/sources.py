@@ -70,6 +70,15 @@ def _load_files(cfg: DataConfig) -> DatasetDict:
     return load_dataset(builder, data_files={"train": [str(p) for p in paths]}, **kwargs)
 
 
+def require_seq_len_fits(stage: str, seq_len: int, max_seq_len: int) -> None:
+    """A stage's sequences must fit the model it starts from (which may come from init_from)."""
+    if seq_len > max_seq_len:
+        raise DataError(
+            f"{stage} data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_seq_len}; "
+            "lower data.seq_len or raise model.max_position_embeddings"
+        )
+
+
 def keep_valid_rows(ds: Dataset, is_valid, what: str, cfg: DataConfig) -> Dataset:
     """Drop rows `is_valid` rejects; report how many, and fail above the configured fraction."""
     good = ds.filter(is_valid)

@@ -14,7 +14,8 @@ import copy
 import torch
 
 from ..config import StageConfig
-from ..data.chat import collate, encode_pairs, preference_splits, require_assistant_mask, require_seq_len_fits
+from ..data.chat import collate, encode_pairs, preference_splits, require_assistant_mask
+from ..data.sources import require_seq_len_fits
 from ..losses import dpo_sigmoid_loss, sequence_logps
 from ..trainer import LossOutput
 

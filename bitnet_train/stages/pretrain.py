@@ -5,7 +5,7 @@ from datasets import DatasetDict
 from ..config import StageConfig
 from ..data.builtin_text import builtin_documents, split_every_nth
 from ..data.packing import pack_documents
-from ..data.sources import DataError, keep_valid_rows, load_splits
+from ..data.sources import keep_valid_rows, load_splits, require_seq_len_fits
 from ..losses import next_token_loss_sum
 from ..trainer import LossOutput
 
@@ -22,11 +22,7 @@ class PretrainStage:
     token_loss = True
 
     def __init__(self, cfg: StageConfig, tokenizer, seed: int, max_seq_len: int):
-        if cfg.data.seq_len > max_seq_len:
-            raise DataError(
-                f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings={max_seq_len}; "
-                "lower data.seq_len or raise model.max_position_embeddings"
-            )
+        require_seq_len_fits("pretrain", cfg.data.seq_len, max_seq_len)
         field = cfg.data.text_field
         splits = load_splits(cfg.data, builtin_text(cfg))
         self.blocks = {}

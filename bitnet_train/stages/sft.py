@@ -21,7 +21,8 @@ counted. Batches are padded, not packed.
 import torch
 
 from ..config import StageConfig
-from ..data.chat import chat_splits, collate, encode_conversations, require_assistant_mask, require_seq_len_fits
+from ..data.chat import chat_splits, collate, encode_conversations, require_assistant_mask
+from ..data.sources import require_seq_len_fits
 from ..losses import IGNORE, next_token_loss_sum
 from ..trainer import LossOutput
 
