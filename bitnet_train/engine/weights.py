@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 from ..checkpoint import CheckpointError, verify_manifest
-from ..export.own_format import LAYOUTS, WEIGHTS
-from ..export.source import PACKED_FORMAT
+from ..export.own_format import LAYOUTS, WEIGHTS, packed_layout
 from ..model import BitNetTrainConfig
 from ..packing import pack_ternary, packed_row_bytes
 
@@ -176,13 +175,7 @@ def load_weights(directory: str | Path, head_dtype: str = "fp32") -> EngineWeigh
     path = directory / WEIGHTS
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != PACKED_FORMAT or meta.get("layout") not in LAYOUTS:
-                raise CheckpointError(
-                    f"{path} is not a {PACKED_FORMAT} file (metadata {meta}): the engine reads the `own` and "
-                    "`own-1.6` formats of `bitnet-train export`"
-                )
-            reader = _PackedReader(f, path, config, meta["layout"])
+            reader = _PackedReader(f, path, config, packed_layout(f, path))
             return build_weights(config, reader.get, head_dtype)
     except SafetensorError as e:
         raise CheckpointError(f"{path} cannot be read ({e}); export it again") from e

@@ -55,6 +55,17 @@ class PackedBitLinear(BitLinear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+def packed_layout(f, path: Path) -> str:
+    """The layout of an open packed weights file, after checking that it is one of ours."""
+    meta = f.metadata() or {}
+    if meta.get("format") != PACKED_FORMAT or meta.get("layout") not in LAYOUTS:
+        raise CheckpointError(
+            f"{path} is not a {PACKED_FORMAT} file (metadata {meta}): only the `own` and `own-1.6` formats of "
+            "`bitnet-train export` hold packed weights; export the checkpoint again with one of them"
+        )
+    return meta["layout"]
+
+
 def load_packed_model(directory: str | Path) -> BitNetTrainForCausalLM:
     """Verify checksums, unpack every layer (rejecting non-ternary codes) and rebuild the model."""
     directory = Path(directory)
@@ -63,12 +74,7 @@ def load_packed_model(directory: str | Path) -> BitNetTrainForCausalLM:
     model = BitNetTrainForCausalLM(BitNetTrainConfig.from_pretrained(directory)).eval()
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != PACKED_FORMAT or meta.get("layout") not in LAYOUTS:
-                raise CheckpointError(
-                    f"{path} is not a {PACKED_FORMAT} file (metadata {meta}); export it again with bitnet-train export"
-                )
-            _, unpack = LAYOUTS[meta["layout"]]
+            _, unpack = LAYOUTS[packed_layout(f, path)]
             state = {}
             for name, module in list(model.named_modules()):
                 if isinstance(module, BitLinear):
