@@ -14,7 +14,7 @@ cpu_kernels = Pybind11Extension(
     include_dirs=["kernels/cpu"],
     depends=glob("kernels/cpu/*.h"),
     cxx_std=17,
-    extra_compile_args=["-O3"],
+    extra_compile_args=["-O3", "-ffp-contract=off"],
     optional=True,
 )
 

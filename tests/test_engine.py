@@ -161,6 +161,37 @@ def test_kv_cache_decode_equals_full_recompute(engine, text_ids, backend):
     assert relative_error(torch.cat(steps, dim=1), full) < 1e-5
 
 
+def test_the_compiled_stack_equals_the_torch_layers(engine, text_ids):
+    """The CPU engine's two paths: every layer in one compiled call, or op by op in torch."""
+    if engine.native is None or cpu.backend() == "torch":
+        pytest.skip("the compiled kernels are not built here")
+    cache = engine.new_cache(*text_ids.shape)
+    compiled = engine.forward(text_ids, cache)
+    keys = cache.k.clone()
+    engine.native, stack = None, engine.native
+    try:
+        cache = engine.new_cache(*text_ids.shape)
+        layered = engine.forward(text_ids, cache)
+    finally:
+        engine.native = stack
+    assert relative_error(compiled, layered) < 1e-4
+    assert relative_error(keys, cache.k) < 1e-4  # both filled the cache alike
+
+
+def test_the_compiled_stack_names_a_wrong_cache(engine):
+    if engine.native is None:
+        pytest.skip("the compiled kernels are not built here")
+    c = engine.config
+    x = torch.zeros(1, 2, c.hidden_size)
+    tables = torch.zeros(2, engine.head_dim).numpy()
+    wrong = torch.zeros(c.num_hidden_layers, 2, engine.n_kv_heads, 8, engine.head_dim).numpy()  # batch 2, not 1
+    with pytest.raises(ValueError, match="caches must be"):
+        engine.native.forward(x.numpy(), tables, tables, wrong, wrong, 0)
+    right = torch.zeros(c.num_hidden_layers, 1, engine.n_kv_heads, 8, engine.head_dim).numpy()
+    with pytest.raises(ValueError, match="do not fit a cache of 8"):
+        engine.native.forward(x.numpy(), tables, tables, right, right, 7)
+
+
 def test_the_1_6_bit_export_runs_identically(exported, engine, text_ids):
     base3 = Engine.from_export(exported / "own-1.6", device="cpu")
     assert torch.equal(base3.forward(text_ids), engine.forward(text_ids))

@@ -8,7 +8,12 @@ codes, and rescaled by 1 / (s_w * s_a). That is the same number up to float32 ro
 
 The kernels come from one narrow door, chosen by device: bitnet_train.kernels.cuda on a GPU,
 bitnet_train.kernels.cpu otherwise (compiled AVX2 / scalar, or its pure-torch fallback). The two
-doors have the same functions, so this file never asks which one runs.
+doors have the same functions, so the layers below never ask which one runs.
+
+On the CPU with the compiled kernels, the same layers run as one call per forward step
+(kernels/cpu/decoder.h): at batch 1 each of the ~40 torch ops of a layer costs about as much as
+the GEMV beside it, and decode is meant to be bound by reading the weights. The torch layers
+stay the GPU path, the fallback, and what tests hold the compiled stack to.
 """
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,6 +106,13 @@ class Engine:
         self.head_dim = c.hidden_size // c.num_attention_heads
         self.eps = c.rms_norm_eps
         self.rotary = RotaryEmbedding(self.head_dim, c.rope_parameters["rope_theta"]).to(self.device)
+        self.native = None
+        if self.device.type == "cpu":
+            self.native = cpu_door.native_decoder(
+                c.hidden_size, c.intermediate_size, self.n_heads, self.n_kv_heads, self.eps,
+                [(l.input_norm, l.qkv.qweight, l.qkv.row_scale, l.attn_sub_norm, l.o.qweight, l.o.row_scale,
+                  l.post_norm, l.gate_up.qweight, l.gate_up.row_scale, l.ffn_sub_norm, l.down.qweight,
+                  l.down.row_scale) for l in self.weights.layers])
 
     @classmethod
     def from_export(cls, directory: str | Path, head_dtype: str = "fp32", device=None) -> "Engine":
@@ -131,8 +143,15 @@ class Engine:
             positions = torch.arange(past, past + T, device=self.device).expand(B, T)
             rope = self.rotary(positions, torch.float32)
             x = self.weights.embed[ids]
-            for i, layer in enumerate(self.weights.layers):
-                x = self._layer(i, layer, x, rope, cache)
+            if self.native is not None and cpu_door.backend() != "torch":
+                # The compiled stack writes every layer's keys and values into a cache: a step
+                # without one gets a scratch cache of its own length.
+                scratch = cache if cache is not None else self.new_cache(B, T)
+                cos, sin = (t[0, 0].contiguous().numpy() for t in rope)
+                self.native.forward(x.numpy(), cos, sin, scratch.k.numpy(), scratch.v.numpy(), past)
+            else:
+                for i, layer in enumerate(self.weights.layers):
+                    x = self._layer(i, layer, x, rope, cache)
             if cache is not None:
                 cache.length = past + T
             if logits_to_keep:

@@ -11,7 +11,7 @@ The LM head is the one large full-precision matrix (2B4T: 128256 x 2560, 1.3 GB 
 at decode it is read once per token like every other weight, so its storage sets a floor on
 decode speed. `head_dtype` chooses it: fp32 (default; exactly the training model's head), bf16
 (half the bytes), int8 (a quarter: per-row absmax int8, as served models keep their output matrix
-in a quantized type). The error each adds is measured in docs/bench_engine.md.
+in a quantized type; on the CPU a compiled GEMV reads it with float32 activations). The error each adds is measured in docs/bench_engine.md.
 """
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..checkpoint import CheckpointError, verify_manifest
 from ..export.own_format import LAYOUTS, WEIGHTS, packed_layout
+from ..kernels import cpu
 from ..model import BitNetTrainConfig
 from ..packing import pack_ternary, packed_row_bytes
 
@@ -83,8 +84,9 @@ class Head:
             return F.linear(h.float(), self.weight)
         if self.dtype == "bf16":
             return F.linear(h.to(torch.bfloat16), self.weight).float()
-        # torch's weight-only int8 matmul (gpt-fast's): bf16 activations, int8 weights scaled per
-        # row on the fly; CPU and CUDA both have it.
+        if h.device.type == "cpu":  # float32 activations on the compiled int8-weight GEMV
+            return cpu.int8_weight_linear(h, self.weight, self.scale)
+        # torch's weight-only int8 matmul (gpt-fast's): bf16 activations, int8 weights scaled per row.
         return torch._weight_int8pack_mm(h.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16)).float()
 
     def to(self, device) -> "Head":

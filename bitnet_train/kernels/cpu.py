@@ -115,6 +115,35 @@ def bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_features: int) 
     return y.reshape(*lead, qweight.shape[0])
 
 
+def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 (M, N) ~ x (M, K) @ (weight (N, K) int8 * scale (N,)[:, None])^T: the int8 LM head.
+
+    x is rounded to int16 per token (kernels/cpu/int8_weights.h), so the product is exact integer
+    arithmetic and one rescale per output, as reference_int8_weight_linear computes it.
+    """
+    x, weight, scale = _cpu(x, "x").float(), _cpu(weight, "weight"), _cpu(scale, "scale").float()
+    ext = _native()
+    if ext is None:
+        return reference_int8_weight_linear(x, weight, scale)
+    return torch.from_numpy(ext.int8_weight_linear(x.numpy(), weight.numpy(), scale.numpy()))
+
+
+def native_decoder(hidden: int, intermediate: int, heads: int, kv_heads: int, eps: float,
+                   layers: list[tuple[torch.Tensor, ...]]):
+    """The compiled decoder stack (kernels/cpu/decoder.h): every layer of a forward step in one call,
+    or None where the extension is missing (then the engine runs its layers op by op in torch).
+
+    layers: per layer (input_norm, qkv qweight, qkv row scales, attn_sub_norm, o qweight, o row
+    scales, post_norm, gate_up qweight, gate_up row scales, ffn_sub_norm, down qweight, down row
+    scales), float32 and packed uint8 tensors it keeps references to.
+    """
+    ext = _native()
+    if ext is None:
+        return None
+    arrays = [tuple(_cpu(t, "decoder weight").numpy() for t in layer) for layer in layers]
+    return ext.Decoder(hidden, intermediate, heads, kv_heads, eps, arrays)
+
+
 # ---------------------------------------------------------------------- torch reference
 
 
@@ -140,3 +169,10 @@ def reference_bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_featu
     a, s = reference_quantize_activations(x)
     w_scale = torch.as_tensor(qscale, dtype=torch.float32).reshape(())
     return reference_matmul_int(a, qweight).float() / (w_scale * s[:, None])
+
+
+def reference_int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float(dot(w, q)) / s * scale with q = round(x * s), s = 32767 / max|x| per token, in int64."""
+    s = 32767.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=quant.EPS)
+    q = (x * s).round().clamp(-32767, 32767).to(torch.int64)
+    return (q @ weight.to(torch.int64).T).float() / s * scale

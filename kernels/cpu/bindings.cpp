@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "decoder.h"
+#include "int8_weights.h"
 #include "ternary_kernels.h"
 #include "thread_pool.h"
 
@@ -119,12 +121,121 @@ py::array_t<float> bitlinear_forward(const py::handle& x_obj, const py::handle& 
     py::gil_scoped_release nogil;
     std::vector<int8_t> q(m * k_padded);
     std::vector<float> a_scales(m);
+    const std::vector<float> w_scales(w.shape(0), qscale);
     bitnet::quantize_rows(s.isa, data<float>(x), m, k, k_padded, q.data(), a_scales.data(), s.threads);
     const bitnet::TernaryGemm g{q.data(), data<uint8_t>(w), m, w.shape(0), k_padded};
-    bitnet::gemm_rescaled(s.isa, g, a_scales.data(), qscale, out.mutable_data(), s.threads);
+    bitnet::gemm_rescaled(s.isa, g, a_scales.data(), w_scales.data(), out.mutable_data(), s.threads);
   }
   return out;
 }
+
+py::array_t<float> int8_weight_linear(const py::handle& x_obj, const py::handle& w_obj, const py::handle& scales_obj) {
+  const py::array x = require<float>(x_obj, "int8_weight_linear: x", 2);
+  const py::array w = require<int8_t>(w_obj, "int8_weight_linear: weight", 2);
+  const py::array scales = require<float>(scales_obj, "int8_weight_linear: scales", 1);
+  const int64_t m = x.shape(0), k = x.shape(1), n = w.shape(0);
+  if (w.shape(1) != k) {
+    throw py::value_error("int8_weight_linear: x has " + std::to_string(k) + " features, weight has " +
+                          std::to_string(w.shape(1)) + " columns");
+  }
+  if (scales.shape(0) != n) throw py::value_error("int8_weight_linear: need one scale per weight row");
+  py::array_t<float> out({m, n});
+  const Settings s = settings();
+  {
+    py::gil_scoped_release nogil;
+    bitnet::int8_weight_gemm(s.isa, data<float>(x), m, k, data<int8_t>(w), n, data<float>(scales),
+                             out.mutable_data(), s.threads);
+  }
+  return out;
+}
+
+// The decoder stack's weights, checked once and held (with references that keep the arrays
+// alive) so that a forward step passes only its activations.
+class Decoder {
+ public:
+  Decoder(int64_t hidden, int64_t intermediate, int64_t heads, int64_t kv_heads, float eps, const py::list& layers) {
+    if (hidden < 1 || intermediate < 1 || heads < 1 || kv_heads < 1 || hidden % heads != 0 || heads % kv_heads != 0 ||
+        (hidden / heads) % 2 != 0) {
+      throw py::value_error("Decoder: hidden " + std::to_string(hidden) + ", heads " + std::to_string(heads) +
+                            ", kv_heads " + std::to_string(kv_heads) +
+                            " do not make an even head_dim shared by whole GQA groups");
+    }
+    shape_ = {hidden, intermediate, heads, kv_heads, hidden / heads, eps};
+    const int64_t kv = kv_heads * shape_.head_dim;
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const auto t = layers[i].cast<py::tuple>();
+      if (t.size() != 12) throw py::value_error("Decoder: layer " + std::to_string(i) + " needs 12 arrays");
+      const std::string at = "Decoder: layer " + std::to_string(i) + " ";
+      bitnet::DecoderLayer l;
+      l.input_norm = vector(t[0], at + "input_norm", hidden);
+      l.qkv = projection(t[1], t[2], at + "qkv", hidden + 2 * kv, hidden);
+      l.attn_sub_norm = vector(t[3], at + "attn_sub_norm", hidden);
+      l.o = projection(t[4], t[5], at + "o", hidden, hidden);
+      l.post_norm = vector(t[6], at + "post_norm", hidden);
+      l.gate_up = projection(t[7], t[8], at + "gate_up", 2 * intermediate, hidden);
+      l.ffn_sub_norm = vector(t[9], at + "ffn_sub_norm", intermediate);
+      l.down = projection(t[10], t[11], at + "down", hidden, intermediate);
+      layers_.push_back(l);
+    }
+  }
+
+  void forward(const py::handle& x_obj, const py::handle& cos_obj, const py::handle& sin_obj,
+               const py::handle& k_obj, const py::handle& v_obj, int64_t past) {
+    py::array x = require<float>(x_obj, "Decoder.forward: x", 3);
+    const py::array cos = require<float>(cos_obj, "Decoder.forward: cos", 2);
+    const py::array sin = require<float>(sin_obj, "Decoder.forward: sin", 2);
+    py::array k = require<float>(k_obj, "Decoder.forward: k_cache", 5);
+    py::array v = require<float>(v_obj, "Decoder.forward: v_cache", 5);
+    const int64_t batch = x.shape(0), tokens = x.shape(1), hd = shape_.head_dim;
+    if (x.shape(2) != shape_.hidden) throw py::value_error("Decoder.forward: x must be (batch, tokens, hidden)");
+    for (const py::array& table : {cos, sin}) {
+      if (table.shape(0) != tokens || table.shape(1) != hd) {
+        throw py::value_error("Decoder.forward: cos and sin must be (tokens, head_dim)");
+      }
+    }
+    const std::vector<int64_t> cache{static_cast<int64_t>(layers_.size()), batch, shape_.kv_heads, k.shape(3), hd};
+    for (const py::array& c : {k, v}) {
+      for (int d = 0; d < 5; ++d) {
+        if (c.shape(d) != cache[d]) {
+          throw py::value_error("Decoder.forward: the caches must be (layers, batch, kv_heads, max_tokens, head_dim) "
+                                "= (" + std::to_string(cache[0]) + ", " + std::to_string(batch) + ", " +
+                                std::to_string(shape_.kv_heads) + ", max_tokens, " + std::to_string(hd) + ")");
+        }
+      }
+    }
+    if (past < 0 || past + tokens > k.shape(3)) {
+      throw py::value_error("Decoder.forward: " + std::to_string(past) + " cached and " + std::to_string(tokens) +
+                            " new tokens do not fit a cache of " + std::to_string(k.shape(3)));
+    }
+    const bitnet::DecoderStep step{static_cast<float*>(x.mutable_data()), batch, tokens, past, data<float>(cos),
+                                   data<float>(sin), static_cast<float*>(k.mutable_data()),
+                                   static_cast<float*>(v.mutable_data()), k.shape(3)};
+    const Settings s = settings();
+    py::gil_scoped_release nogil;
+    bitnet::decoder_forward(s.isa, shape_, layers_, step, s.threads);
+  }
+
+ private:
+  const float* vector(const py::handle& obj, const std::string& name, int64_t n) {
+    const py::array a = require<float>(obj, name, 1);
+    if (a.shape(0) != n) throw py::value_error(name + " must have " + std::to_string(n) + " values");
+    keep_.push_back(a);
+    return data<float>(a);
+  }
+
+  bitnet::Projection projection(const py::handle& w_obj, const py::handle& scales_obj, const std::string& name,
+                                int64_t n, int64_t k) {
+    const py::array w = require<uint8_t>(w_obj, name + " qweight", 2);
+    if (w.shape(0) != n) throw py::value_error(name + " qweight must have " + std::to_string(n) + " rows");
+    check_weight(w, bitnet::padded_features(k), name);
+    keep_.push_back(w);
+    return {data<uint8_t>(w), vector(scales_obj, name + " row scales", n), n, k};
+  }
+
+  bitnet::DecoderShape shape_;
+  std::vector<bitnet::DecoderLayer> layers_;
+  std::vector<py::array> keep_;
+};
 
 const char* backend_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "scalar"; }
 
@@ -162,6 +273,17 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         "int8 (M, Kpad) x packed uint8 (N, Kpad/4) -> exact int32 (M, N) = a @ t^T");
   m.def("bitlinear_forward", &bitlinear_forward, py::arg("x"), py::arg("qweight"), py::arg("qscale"),
         py::arg("in_features"), "float32 (M, K) -> float32 (M, N): quantize, integer matmul, rescale");
+  m.def("int8_weight_linear", &int8_weight_linear, py::arg("x"), py::arg("weight"), py::arg("scales"),
+        "float32 (M, K) x int8 (N, K) with per-row float32 scales (N,) -> float32 (M, N)");
+  py::class_<Decoder>(m, "Decoder", "the whole decoder stack of a model, one call per forward step")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, float, const py::list&>(), py::arg("hidden"),
+           py::arg("intermediate"), py::arg("heads"), py::arg("kv_heads"), py::arg("eps"), py::arg("layers"),
+           "layers: per layer (input_norm, qkv qweight, qkv row scales, attn_sub_norm, o qweight, o row scales, "
+           "post_norm, gate_up qweight, gate_up row scales, ffn_sub_norm, down qweight, down row scales)")
+      .def("forward", &Decoder::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
+           py::arg("v_cache"), py::arg("past"),
+           "x (batch, tokens, hidden) float32, in place: embeddings in, last hidden state out; appends the "
+           "tokens' keys/values to the caches at positions past ..");
   m.def("set_backend", &set_backend, py::arg("name"), "'auto', 'avx2' or 'scalar'");
   m.def("get_backend", [] { return backend_name(settings().isa); }, "the backend calls run on now");
   m.def("available_backends", &available_backends, "backends this CPU can run");

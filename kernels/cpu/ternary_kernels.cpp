@@ -20,8 +20,6 @@ namespace {
 
 constexpr float kEps = 1e-5f;  // quant.EPS
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // ------------------------------------------------------------------ activation quantization
 
@@ -205,15 +203,6 @@ std::vector<int32_t> row_sums(const int8_t* a, int64_t m, int64_t k) {
   return sums;
 }
 
-// A panel is the block of weight rows one task owns. It is reused by every activation tile,
-// so it should stay in L2; and there should be whole panels for every thread.
-constexpr int64_t kPanelBytes = 128 * 1024;
-
-int64_t panel_rows(int64_t n, int64_t row_bytes, int cols, int threads) {
-  const int64_t tasks = round_up(std::max<int64_t>(1, ceil_div(n * row_bytes, kPanelBytes)), threads);
-  return round_up(std::max<int64_t>(1, ceil_div(n, tasks)), cols);
-}
-
 // Runs the integer matmul and hands each finished dot(t, a) to store(row, col, dot).
 template <class Store>
 void run_gemm(Isa isa, const TernaryGemm& g, int threads, Store store) {
@@ -257,10 +246,10 @@ void gemm_int(Isa isa, const TernaryGemm& g, int32_t* out, int threads) {
   run_gemm(isa, g, threads, [&](int64_t i, int64_t j, int32_t dot) { out[i * g.n + j] = dot; });
 }
 
-void gemm_rescaled(Isa isa, const TernaryGemm& g, const float* a_scales, float w_scale, float* out,
+void gemm_rescaled(Isa isa, const TernaryGemm& g, const float* a_scales, const float* w_scales, float* out,
                    int threads) {
   run_gemm(isa, g, threads, [&](int64_t i, int64_t j, int32_t dot) {
-    out[i * g.n + j] = static_cast<float>(dot) / (w_scale * a_scales[i]);
+    out[i * g.n + j] = static_cast<float>(dot) / (w_scales[j] * a_scales[i]);
   });
 }
 

@@ -36,8 +36,9 @@ struct TernaryGemm {
 // out (m, n) int32 = a @ t^T, exact.
 void gemm_int(Isa isa, const TernaryGemm& g, int32_t* out, int threads);
 
-// out (m, n) float32 = (a @ t^T) / (w_scale * a_scales[row]): the BitLinear output.
-void gemm_rescaled(Isa isa, const TernaryGemm& g, const float* a_scales, float w_scale,
+// out (m, n) float32 = (a @ t^T) / (w_scales[col] * a_scales[row]): the BitLinear output. The
+// weight scale is per output row of w, so projections fused into one w keep their own s_w.
+void gemm_rescaled(Isa isa, const TernaryGemm& g, const float* a_scales, const float* w_scales,
                    float* out, int threads);
 
 }  // namespace bitnet

@@ -94,6 +94,13 @@ void parallel_for(int64_t tasks, int threads, const std::function<void(int64_t)>
   pool->run(tasks, threads, body);
 }
 
+int64_t panel_rows(int64_t n, int64_t row_bytes, int multiple, int threads) {
+  constexpr int64_t kPanelBytes = 128 * 1024;
+  const auto round_up = [](int64_t a, int64_t b) { return ceil_div(a, b) * b; };
+  const int64_t tasks = round_up(std::max<int64_t>(1, ceil_div(n * row_bytes, kPanelBytes)), threads);
+  return round_up(std::max<int64_t>(1, ceil_div(n, tasks)), multiple);
+}
+
 int hardware_threads() { return std::max(1u, std::thread::hardware_concurrency()); }
 
 }  // namespace bitnet

@@ -16,6 +16,13 @@ namespace bitnet {
 // an oversubscribed 2-core machine.
 void parallel_for(int64_t tasks, int threads, const std::function<void(int64_t)>& body);
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Weight rows per task of a matrix product over n rows of row_bytes each: a panel is reused by
+// every activation tile, so it should stay in L2 (about 128 KB), its row count is a multiple
+// of the tile's, and the tasks come in whole rounds for the threads.
+int64_t panel_rows(int64_t n, int64_t row_bytes, int multiple, int threads);
+
 // The number of hardware threads (at least 1).
 int hardware_threads();
 

@@ -1,0 +1,201 @@
+#include "decoder.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "thread_pool.h"
+
+#define BITNET_AVX2 __attribute__((target("avx2,fma")))
+
+namespace bitnet {
+namespace {
+
+// ------------------------------------------------------------------ float row operations
+
+// model.RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)). The squares are summed in double, so the
+// mean is the exactly rounded one that torch's float reduction lands on or within an ulp of.
+void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* out) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(x[i] * x[i]);
+  const float r = 1.0f / std::sqrt(static_cast<float>(sum / static_cast<double>(n)) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * r);
+}
+
+// model.apply_rope, rotate-half convention, in place: x * cos + rotate_half(x) * sin.
+void apply_rope(float* x, const float* cos, const float* sin, int64_t head_dim, float* scratch) {
+  const int64_t half = head_dim / 2;
+  for (int64_t i = 0; i < half; ++i) scratch[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
+  for (int64_t i = half; i < head_dim; ++i) scratch[i] = x[i] * cos[i] + x[i - half] * sin[i];
+  std::copy(scratch, scratch + head_dim, x);
+}
+
+BITNET_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  float total = _mm_cvtss_f32(s);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+BITNET_AVX2 void axpy_avx2(float alpha, const float* x, int64_t n, float* y) {
+  const __m256 va = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  }
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+float dot(Isa isa, const float* a, const float* b, int64_t n) {
+  if (isa == Isa::kAvx2) return dot_avx2(a, b, n);
+  float total = 0.0f;
+  for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+void axpy(Isa isa, float alpha, const float* x, int64_t n, float* y) {
+  if (isa == Isa::kAvx2) return axpy_avx2(alpha, x, n, y);
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// ------------------------------------------------------------------ one forward step
+
+class Step {
+ public:
+  Step(Isa isa, const DecoderShape& shape, const DecoderStep& step, int threads)
+      : isa_(isa), s_(shape), st_(step), threads_(threads), rows_(step.batch * step.tokens),
+        q_cols_(shape.heads * shape.head_dim), kv_cols_(shape.kv_heads * shape.head_dim),
+        normed_(rows_ * std::max(shape.hidden, shape.intermediate)),
+        codes_(rows_ * padded_features(std::max(shape.hidden, shape.intermediate))), a_scales_(rows_),
+        qkv_(rows_ * (q_cols_ + 2 * kv_cols_)), attended_(rows_ * q_cols_),
+        gate_up_(rows_ * 2 * shape.intermediate), ffn_(rows_ * shape.intermediate), out_(rows_ * shape.hidden) {}
+
+  void layer(int64_t index, const DecoderLayer& l) {
+    // Attention block: x += o_proj(attn_sub_norm(attention(rope(qkv(input_norm(x))))))
+    norm_rows(st_.x, l.input_norm, s_.hidden);
+    project(normed_.data(), l.qkv, qkv_.data());
+    rope_and_cache(index);
+    attend(index);
+    norm_rows(attended_.data(), l.attn_sub_norm, q_cols_);
+    project(normed_.data(), l.o, out_.data());
+    add_to_x();
+
+    // FFN block: x += down(ffn_sub_norm(relu(gate)^2 * up)), gate/up of post_norm(x)
+    norm_rows(st_.x, l.post_norm, s_.hidden);
+    project(normed_.data(), l.gate_up, gate_up_.data());
+    relu2_glu();
+    norm_rows(ffn_.data(), l.ffn_sub_norm, s_.intermediate);
+    project(normed_.data(), l.down, out_.data());
+    add_to_x();
+  }
+
+ private:
+  // normed_ (rows, n) = rms_norm(in (rows, n)).
+  void norm_rows(const float* in, const float* weight, int64_t n) {
+    parallel_for(rows_, threads_, [&](int64_t r) { rms_norm(in + r * n, weight, n, s_.eps, normed_.data() + r * n); });
+  }
+
+  // out (rows, p.n) = BitLinear(in (rows, p.k)): int8 activations per token, exact integer
+  // product, one rescale by s_w * s_a per output.
+  void project(const float* in, const Projection& p, float* out) {
+    const int64_t k_padded = padded_features(p.k);
+    quantize_rows(isa_, in, rows_, p.k, k_padded, codes_.data(), a_scales_.data(), threads_);
+    const TernaryGemm g{codes_.data(), p.w, rows_, p.n, k_padded};
+    gemm_rescaled(isa_, g, a_scales_.data(), p.row_scales, out, threads_);
+  }
+
+  float* cache_row(float* cache, int64_t layer, int64_t b, int64_t g, int64_t pos) const {
+    return cache + (((layer * st_.batch + b) * s_.kv_heads + g) * st_.max_tokens + pos) * s_.head_dim;
+  }
+
+  void rope_and_cache(int64_t layer) {
+    const int64_t hd = s_.head_dim, ld = q_cols_ + 2 * kv_cols_;
+    parallel_for(rows_, threads_, [&](int64_t r) {
+      const int64_t b = r / st_.tokens, t = r % st_.tokens;
+      const float *cos = st_.cos + t * hd, *sin = st_.sin + t * hd;
+      float* row = qkv_.data() + r * ld;
+      std::vector<float> scratch(hd);
+      for (int64_t h = 0; h < s_.heads; ++h) apply_rope(row + h * hd, cos, sin, hd, scratch.data());
+      for (int64_t g = 0; g < s_.kv_heads; ++g) {
+        float* k = row + q_cols_ + g * hd;
+        apply_rope(k, cos, sin, hd, scratch.data());
+        std::copy(k, k + hd, cache_row(st_.k_cache, layer, b, g, st_.past + t));
+        const float* v = row + q_cols_ + kv_cols_ + g * hd;
+        std::copy(v, v + hd, cache_row(st_.v_cache, layer, b, g, st_.past + t));
+      }
+    });
+  }
+
+  // Causal GQA attention: the token at position p sees cached positions 0 .. p.
+  void attend(int64_t layer) {
+    const int64_t hd = s_.head_dim, ld = q_cols_ + 2 * kv_cols_, group = s_.heads / s_.kv_heads;
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+    parallel_for(st_.batch * s_.heads, threads_, [&](int64_t task) {
+      const int64_t b = task / s_.heads, h = task % s_.heads, g = h / group;
+      const float* keys = cache_row(st_.k_cache, layer, b, g, 0);
+      const float* values = cache_row(st_.v_cache, layer, b, g, 0);
+      std::vector<float> scores(st_.past + st_.tokens);
+      for (int64_t t = 0; t < st_.tokens; ++t) {
+        const int64_t r = b * st_.tokens + t, seen = st_.past + t + 1;
+        const float* q = qkv_.data() + r * ld + h * hd;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < seen; ++j) {
+          scores[j] = dot(isa_, q, keys + j * hd, hd) * scale;
+          top = std::max(top, scores[j]);
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < seen; ++j) total += scores[j] = std::exp(scores[j] - top);
+        float* y = attended_.data() + r * q_cols_ + h * hd;
+        std::fill(y, y + hd, 0.0f);
+        for (int64_t j = 0; j < seen; ++j) axpy(isa_, scores[j] / total, values + j * hd, hd, y);
+      }
+    });
+  }
+
+  void relu2_glu() {
+    const int64_t n = s_.intermediate;
+    parallel_for(rows_, threads_, [&](int64_t r) {
+      const float *gate = gate_up_.data() + r * 2 * n, *up = gate + n;
+      float* h = ffn_.data() + r * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const float relu = std::max(gate[i], 0.0f);
+        h[i] = relu * relu * up[i];
+      }
+    });
+  }
+
+  void add_to_x() {
+    const int64_t n = rows_ * s_.hidden;
+    for (int64_t i = 0; i < n; ++i) st_.x[i] = st_.x[i] + out_[i];
+  }
+
+  const Isa isa_;
+  const DecoderShape s_;
+  const DecoderStep st_;
+  const int threads_;
+  const int64_t rows_, q_cols_, kv_cols_;
+  std::vector<float> normed_;
+  std::vector<int8_t> codes_;
+  std::vector<float> a_scales_, qkv_, attended_, gate_up_, ffn_, out_;
+};
+
+}  // namespace
+
+void decoder_forward(Isa isa, const DecoderShape& shape, const std::vector<DecoderLayer>& layers,
+                     const DecoderStep& step, int threads) {
+  Step run(isa, shape, step, threads);
+  for (size_t i = 0; i < layers.size(); ++i) run.layer(static_cast<int64_t>(i), layers[i]);
+}
+
+}  // namespace bitnet

@@ -1,0 +1,54 @@
+// The whole BitNet b1.58 decoder stack on the CPU kernels: every layer of a forward step in one call.
+//
+// The maths is bitnet_train/engine/model.py's torch path, operation for operation (which is
+// model.py's): RMSNorm, fused q/k/v, RoPE (rotate-half), GQA attention over the KV cache,
+// attn_sub_norm, o_proj, residual; RMSNorm, fused gate/up, ReLU²·up, ffn_sub_norm, down_proj,
+// residual. Running it here instead of as ~40 torch calls per layer is what makes decode
+// memory-bound: at batch 1 a torch op costs about as much as the GEMV beside it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "ternary_kernels.h"
+
+namespace bitnet {
+
+// One or more BitLinears with a common input, their packed rows concatenated.
+struct Projection {
+  const uint8_t* w;         // (n, k_padded / 4), the docs/formats.md layout
+  const float* row_scales;  // (n,): s_w of the projection each row came from
+  int64_t n, k;
+};
+
+struct DecoderLayer {
+  const float* input_norm;
+  Projection qkv;  // q rows, then k, then v
+  const float* attn_sub_norm;
+  Projection o;
+  const float* post_norm;
+  Projection gate_up;  // gate rows, then up
+  const float* ffn_sub_norm;
+  Projection down;
+};
+
+struct DecoderShape {
+  int64_t hidden, intermediate, heads, kv_heads, head_dim;
+  float eps;
+};
+
+// The step's tokens continue a cached sequence: positions past .. past + tokens - 1.
+struct DecoderStep {
+  float* x;            // (batch * tokens, hidden) row-major: embeddings in, last hidden state out
+  int64_t batch, tokens, past;
+  const float* cos;    // (tokens, head_dim): RoPE tables of those positions
+  const float* sin;
+  float* k_cache;      // (layers, batch, kv_heads, max_tokens, head_dim), written at past ..
+  float* v_cache;
+  int64_t max_tokens;
+};
+
+void decoder_forward(Isa isa, const DecoderShape& shape, const std::vector<DecoderLayer>& layers,
+                     const DecoderStep& step, int threads);
+
+}  // namespace bitnet
