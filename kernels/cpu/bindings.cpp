@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -212,7 +213,8 @@ class Decoder {
                                    static_cast<float*>(v.mutable_data()), k.shape(3)};
     const Settings s = settings();
     py::gil_scoped_release nogil;
-    bitnet::decoder_forward(s.isa, shape_, layers_, step, s.threads);
+    std::lock_guard<std::mutex> lock(workspace_mutex_);  // one step at a time per workspace
+    bitnet::decoder_forward(s.isa, shape_, layers_, step, workspace_, s.threads);
   }
 
  private:
@@ -235,6 +237,8 @@ class Decoder {
   bitnet::DecoderShape shape_;
   std::vector<bitnet::DecoderLayer> layers_;
   std::vector<py::array> keep_;
+  bitnet::DecoderWorkspace workspace_;
+  std::mutex workspace_mutex_;
 };
 
 const char* backend_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "scalar"; }

@@ -73,13 +73,14 @@ void axpy(Isa isa, float alpha, const float* x, int64_t n, float* y) {
 
 class Step {
  public:
-  Step(Isa isa, const DecoderShape& shape, const DecoderStep& step, int threads)
+  Step(Isa isa, const DecoderShape& shape, const DecoderStep& step, DecoderWorkspace& ws, int threads)
       : isa_(isa), s_(shape), st_(step), threads_(threads), rows_(step.batch * step.tokens),
         q_cols_(shape.heads * shape.head_dim), kv_cols_(shape.kv_heads * shape.head_dim),
-        normed_(rows_ * std::max(shape.hidden, shape.intermediate)),
-        codes_(rows_ * padded_features(std::max(shape.hidden, shape.intermediate))), a_scales_(rows_),
-        qkv_(rows_ * (q_cols_ + 2 * kv_cols_)), attended_(rows_ * q_cols_),
-        gate_up_(rows_ * 2 * shape.intermediate), ffn_(rows_ * shape.intermediate), out_(rows_ * shape.hidden) {}
+        normed_(sized(ws.normed, rows_ * std::max(shape.hidden, shape.intermediate))),
+        codes_(sized(ws.codes, rows_ * padded_features(std::max(shape.hidden, shape.intermediate)))),
+        a_scales_(sized(ws.a_scales, rows_)), qkv_(sized(ws.qkv, rows_ * (q_cols_ + 2 * kv_cols_))),
+        attended_(sized(ws.attended, rows_ * q_cols_)), gate_up_(sized(ws.gate_up, rows_ * 2 * shape.intermediate)),
+        ffn_(sized(ws.ffn, rows_ * shape.intermediate)), out_(sized(ws.out, rows_ * shape.hidden)) {}
 
   void layer(int64_t index, const DecoderLayer& l) {
     // Attention block: x += o_proj(attn_sub_norm(attention(rope(qkv(input_norm(x))))))
@@ -180,21 +181,27 @@ class Step {
     for (int64_t i = 0; i < n; ++i) st_.x[i] = st_.x[i] + out_[i];
   }
 
+  template <class T>
+  static std::vector<T>& sized(std::vector<T>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v;
+  }
+
   const Isa isa_;
   const DecoderShape s_;
   const DecoderStep st_;
   const int threads_;
   const int64_t rows_, q_cols_, kv_cols_;
-  std::vector<float> normed_;
-  std::vector<int8_t> codes_;
-  std::vector<float> a_scales_, qkv_, attended_, gate_up_, ffn_, out_;
+  std::vector<float>& normed_;
+  std::vector<int8_t>& codes_;
+  std::vector<float>&a_scales_, &qkv_, &attended_, &gate_up_, &ffn_, &out_;
 };
 
 }  // namespace
 
 void decoder_forward(Isa isa, const DecoderShape& shape, const std::vector<DecoderLayer>& layers,
-                     const DecoderStep& step, int threads) {
-  Step run(isa, shape, step, threads);
+                     const DecoderStep& step, DecoderWorkspace& workspace, int threads) {
+  Step run(isa, shape, step, workspace, threads);
   for (size_t i = 0; i < layers.size(); ++i) run.layer(static_cast<int64_t>(i), layers[i]);
 }
 
