@@ -220,6 +220,12 @@ def test_launchers_reject_bad_arguments_before_touching_the_device(tmp_path):
         assert call(y=None, dot=None) == invalid  # nothing to write
         assert call(sa=None) == invalid  # y needs the activation scales
         assert call(w=q) == misaligned  # 16-byte loads of packed weights
+    fused = lib.w2a8_bitlinear_gemv  # x, dtype, M, K, Kpad, qweight, w_scale, N, y, stream
+    assert fused(p, 0, 1, 300, 256, p, p, 8, p, None) == invalid  # Kpad < K
+    assert fused(p, 0, 1, 40000, 40064, p, p, 8, p, None) == invalid  # past the shared tile
+    assert fused(p, 2, 1, 300, 384, p, p, 8, p, None) == invalid  # unknown dtype
+    assert fused(p, 0, 1, 300, 384, q, p, 8, p, None) == misaligned
+    assert fused(p, 0, 1, 300, 384, p, None, 8, p, None) == invalid
     quantize = lib.w2a8_quantize_activations
     assert quantize(p, 0, 2, 300, 256, p, p, p, None) == invalid  # Kpad < K
     assert quantize(p, 2, 2, 300, 384, p, p, p, None) == invalid  # unknown dtype
@@ -277,7 +283,7 @@ def test_gpu_activation_quantization_rounds_ties_to_even(cuda_door):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("m", [1, 5, 64])
+@pytest.mark.parametrize("m", [1, 4, 5, 64])
 @pytest.mark.parametrize("n,k", [(300, 700), (2560, 2560), (640, 2560), (2560, 6912)])
 def test_gpu_bitlinear_matches_fake_quant_and_mirror(cuda_door, m, n, k):
     w, qweight, s_w = layer(n, k, seed=m)
@@ -286,3 +292,51 @@ def test_gpu_bitlinear_matches_fake_quant_and_mirror(cuda_door, m, n, k):
     want = fake_quant_linear(x, w)
     torch.testing.assert_close(y.double(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
     assert torch.equal(y, ref.bitlinear(x, qweight, s_w, k))  # same integers, same rounding
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+@pytest.mark.parametrize("m,n,k", [(1, 257, 1000), (5, 131, 300), (70, 129, 256), (3, 2560, 6912)])
+def test_gpu_products_write_every_output(cuda_door, kernel, m, n, k):
+    # Outputs poisoned first, so an unwritten element cannot pass by holding a stale right answer
+    # (the caching allocator hands back the block a previous test filled with the same result).
+    _, qweight, a = random_case(m, n, k, seed=3)
+    w, s = (torch.rand(1) + 0.5), torch.rand(m) + 0.5
+    a, qweight = a.cuda(), qweight.cuda()
+    dot = torch.full((m, n), -0x2152411, dtype=torch.int32, device="cuda")
+    y = torch.full((m, n), float("nan"), device="cuda")
+    cuda_door._product(a, row_sums(a), s.cuda(), qweight, w.cuda(), y, dot, kernel)
+    want = int64_reference(a.cpu(), qweight.cpu(), k)
+    assert torch.equal(dot.cpu().long(), want)
+    assert torch.equal(y.cpu(), (want.float() / (w * s[:, None])))
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 7, 100), (1, 257, 1000), (1, 2560, 2560), (1, 640, 2560),
+                                   (1, 6912, 2560), (1, 2560, 6912), (1, 33, 9000), (3, 131, 300),
+                                   (4, 2560, 6912)])
+def test_gpu_fused_decode_bitlinear_equals_two_launches(cuda_door, dtype, m, n, k):
+    # One launch (every block quantizes the row itself) must give the bits of quantizer + GEMV.
+    w, qweight, s_w = layer(n, k, seed=n + k)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3).to(dtype).cuda()
+    qweight, s_w = qweight.cuda(), s_w.cuda()
+    fused = cuda_door.bitlinear(x, qweight, s_w, k, fused=True)
+    assert torch.equal(fused, cuda_door.bitlinear(x, qweight, s_w, k, fused=False))
+    assert torch.equal(fused.cpu(), ref.bitlinear(x.cpu(), qweight.cpu(), s_w.cpu(), k))
+
+
+@gpu
+@needs_gpu
+def test_gpu_fused_decode_bitlinear_writes_every_output(cuda_door):
+    _, qweight, s_w = layer(2565, 2560, seed=4)
+    x = torch.randn(1, 2560, generator=torch.Generator().manual_seed(4)).cuda()
+    y = torch.full((1, 2565), float("nan"), device="cuda")
+    lib = cuda_door._lib()
+    qweight, s_w = qweight.cuda(), s_w.cuda()
+    err = lib.w2a8_bitlinear_gemv(x.data_ptr(), 0, 1, 2560, 2560, qweight.data_ptr(), s_w.data_ptr(),
+                                  2565, y.data_ptr(), cuda_door._stream(x))
+    assert err == 0
+    assert torch.equal(y.cpu(), ref.bitlinear(x.cpu(), qweight.cpu(), s_w.cpu(), 2560))

@@ -27,7 +27,11 @@ from bitnet_train.packing import packed_row_bytes, padded_features
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels" / "cuda"
 _SOURCES = ("w2a8.cu", "w2a8.cuh", "build.sh")
-_ABI_VERSION = 1  # w2a8.cu kAbiVersion
+_ABI_VERSION = 2  # w2a8.cu kAbiVersion
+FUSED_MAX_KPAD = 32768  # w2a8.cu kFusedMaxKpad: the fused decode kernel's activation tile
+# Up to this many tokens the GEMV (each token row re-reads the weights, from L2) beats the GEMM,
+# whose 64 x 128 tiles leave most of an H100 idle at small M (docs/bench_cuda.md).
+GEMV_MAX_TOKENS = 4
 _X_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # W2A8_DTYPE_*
 
 
@@ -112,6 +116,9 @@ def load(path: Path) -> ctypes.CDLL:
     for name in ("w2a8_gemv", "w2a8_gemm"):
         getattr(lib, name).restype = ctypes.c_int
         getattr(lib, name).argtypes = _PRODUCT_ARGS
+    lib.w2a8_bitlinear_gemv.restype = ctypes.c_int
+    lib.w2a8_bitlinear_gemv.argtypes = [_PTR, ctypes.c_int, _I64, _I64, _I64, _PTR, _PTR, _I64,
+                                        _PTR, _PTR]
     return lib
 
 
@@ -163,12 +170,12 @@ def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def _product(q, row_sum, a_scale, qweight, w_scale, y, dot, kernel=None) -> None:
-    """Launch the GEMV for one token (decode), the tensor-core GEMM otherwise."""
+    """Launch the GEMV for up to GEMV_MAX_TOKENS tokens (decode), the tensor-core GEMM otherwise."""
     m, kpad = q.shape
     n = qweight.shape[0]
     if m == 0 or n == 0:
         return
-    name = "w2a8_" + (kernel or ("gemv" if m == 1 else "gemm"))
+    name = "w2a8_" + (kernel or ("gemv" if m <= GEMV_MAX_TOKENS else "gemm"))
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     with torch.cuda.device(q.device):
         _check_launch(getattr(_lib(), name)(
@@ -192,7 +199,7 @@ def ternary_matmul_int(a_int8: torch.Tensor, qweight: torch.Tensor,
 
     Kpad is a multiple of 128 and the activations are zero past the real K (as
     quantize_activations leaves them). row_sum = a.sum(1) is computed here when not given.
-    kernel: "gemv" or "gemm" forces one (tests, benchmarks); by default GEMV for M = 1.
+    kernel: "gemv" or "gemm" forces one (tests, benchmarks); by default GEMV for M <= 4.
     """
     if kernel not in (None, "gemv", "gemm"):
         raise ValueError(f"kernel must be None, 'gemv' or 'gemm', got {kernel!r}")
@@ -211,21 +218,39 @@ def ternary_matmul_int(a_int8: torch.Tensor, qweight: torch.Tensor,
     return dot
 
 
-def bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_features: int) -> torch.Tensor:
+def bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_features: int,
+              fused: bool | None = None) -> torch.Tensor:
     """BitLinear's inference forward, float32 (..., N), for x (..., in_features) on the GPU.
 
     Equals F.linear(quant.quantize_activation(x), quant.quantize_weight(W)) up to float32
     rounding, for qweight = packing.pack_ternary(codes) and qscale = s of quant.ternarize(W)
     (a float, or a one-element tensor; keep it on the GPU to avoid a copy per call).
+    Up to GEMV_MAX_TOKENS tokens (decode) run as one fused launch (quantize + GEMV), more as the
+    quantizer and the GEMM; both give the same bits. fused: force (True) or refuse (False) the
+    fused kernel.
     """
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the layer has in_features={in_features}")
-    q, a_scale, row_sum = _quantize(x)
-    _check_weight(qweight, q.shape[1], x.device)
+    _require(x, "x", tuple(_X_DTYPES))
+    kpad = padded_features(in_features)
+    _check_weight(qweight, kpad, x.device)
     if qweight.shape[1] != packed_row_bytes(in_features):
         raise ValueError(f"qweight rows have {qweight.shape[1]} bytes, in_features={in_features} "
                          f"needs {packed_row_bytes(in_features)}")
     w_scale = torch.as_tensor(qscale, dtype=torch.float32, device=x.device).reshape(1)
-    y = torch.empty(q.shape[0], qweight.shape[0], dtype=torch.float32, device=x.device)
-    _product(q, row_sum, a_scale, qweight, w_scale, y, None)
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
+    x2 = x.reshape(-1, in_features)
+    m, n = x2.shape[0], qweight.shape[0]
+    if fused is None:
+        fused = m <= GEMV_MAX_TOKENS and kpad <= FUSED_MAX_KPAD
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    if m and n and fused:
+        x2 = x2.contiguous()
+        with torch.cuda.device(x.device):
+            _check_launch(_lib().w2a8_bitlinear_gemv(
+                x2.data_ptr(), _X_DTYPES[x.dtype], m, in_features, kpad, qweight.data_ptr(),
+                w_scale.data_ptr(), n, y.data_ptr(), _stream(x)),
+                f"w2a8_bitlinear_gemv(M={m}, N={n}, K={in_features})")
+    elif m and n:
+        q, a_scale, row_sum = _quantize(x2)
+        _product(q, row_sum, a_scale, qweight, w_scale, y, None)
+    return y.reshape(*x.shape[:-1], n)

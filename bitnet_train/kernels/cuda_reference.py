@@ -22,6 +22,7 @@ WARP = 32
 # w2a8.cu constants
 GEMV_K_TILE = 8192  # activation bytes staged in shared memory per pass
 GEMV_CHUNK_BYTES = 16  # one 16-byte load of packed weights = 64 codes
+GEMV_MAX_TOKENS = 4  # bitnet_train.kernels.cuda: the GEMV serves M <= 4, the GEMM larger M
 GEMM_BM, GEMM_BN, GEMM_BK = 64, 128, BLOCK_VALUES  # block tile; K step = one packed block
 GEMM_WARPS_M, GEMM_WARPS_N = 2, 4  # warp grid; a warp owns 32x32 outputs = 2x4 mma tiles
 MMA_M, MMA_N, MMA_K = 16, 8, 32
@@ -226,10 +227,11 @@ def scale_output(dot: torch.Tensor, w_scale: torch.Tensor, a_scale: torch.Tensor
 
 
 def ternary_matmul_int(q: torch.Tensor, qweight: torch.Tensor, row_sum=None) -> torch.Tensor:
-    """dot(t, a) as the CUDA door computes it: the GEMV kernel for one token, GEMM otherwise."""
+    """dot(t, a) as the CUDA door computes it: the GEMV kernel for up to GEMV_MAX_TOKENS tokens,
+    the GEMM otherwise."""
     if row_sum is None:
         row_sum = q.sum(dim=1, dtype=torch.int32)
-    return (gemv_dot if q.shape[0] == 1 else gemm_dot)(q, row_sum, qweight)
+    return (gemv_dot if q.shape[0] <= GEMV_MAX_TOKENS else gemm_dot)(q, row_sum, qweight)
 
 
 def bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor,

@@ -12,7 +12,7 @@
 
 namespace {
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 constexpr float kEps = 1e-5f;           // quant.EPS
 constexpr uint32_t kCodeMask = 0x03030303u;  // the low two bits of each byte
 // int32 accumulators hold |dot(u, a)| <= 2 * 128 * Kpad; this keeps them far from overflow.
@@ -107,8 +107,30 @@ quantize_rows_kernel(const T* __restrict__ x, int K, int Kpad, int8_t* __restric
 // GEMV (decode): the int8 activation row is staged in shared memory; each warp streams the
 // packed rows of ROWS output features with 16-byte loads and unpacks them in registers.
 // ---------------------------------------------------------------------------------------------
-constexpr int kGemvWarps = 4;
-constexpr int kGemvRows = 4;        // rows per warp: 4 activation loads feed 16*ROWS dp4a
+// Defaults chosen on an H100 (docs/bench_cuda.md: of the variants timed, 4 warps x 2 rows x 2
+// chunks per step and 8 x 1 x 2 were fastest and within 2% of each other over a 2B4T layer;
+// 4 x 2 wins at 2-4 tokens and on the wide gate/up rows). Overridable at build time
+// (NVCC_EXTRA="-DW2A8_GEMV_WARPS=8 -DW2A8_GEMV_ROWS=1 ...") for sweeps.
+#ifndef W2A8_GEMV_WARPS
+#define W2A8_GEMV_WARPS 4
+#endif
+#ifndef W2A8_GEMV_ROWS
+#define W2A8_GEMV_ROWS 2
+#endif
+#ifndef W2A8_GEMV_UNROLL
+#define W2A8_GEMV_UNROLL 2
+#endif
+#ifndef W2A8_GEMV_MIN_BLOCKS  // > 0: __launch_bounds__ minimum resident blocks per SM
+#define W2A8_GEMV_MIN_BLOCKS 0
+#endif
+#if W2A8_GEMV_MIN_BLOCKS > 0
+#define W2A8_GEMV_BOUNDS __launch_bounds__(W2A8_GEMV_WARPS * 32, W2A8_GEMV_MIN_BLOCKS)
+#else
+#define W2A8_GEMV_BOUNDS __launch_bounds__(W2A8_GEMV_WARPS * 32)
+#endif
+constexpr int kGemvWarps = W2A8_GEMV_WARPS;
+constexpr int kGemvRows = W2A8_GEMV_ROWS;      // output rows per warp (share each activation load)
+constexpr int kGemvUnroll = W2A8_GEMV_UNROLL;  // 16-byte chunks per lane and step
 constexpr int kGemvKTile = 8192;    // activation bytes staged per pass (any K works)
 static_assert((kGemvKTile / 64) % 32 == 0, "lane of a chunk must not depend on the K tile");
 
@@ -120,7 +142,75 @@ static_assert((kGemvKTile / 64) % 32 == 0, "lane of a chunk must not depend on t
 // a phase over all 32 banks (conflict-free); the integer sum does not care about the order.
 __device__ __forceinline__ int gemv_shift(int t, int lane) { return (t + (lane >> 1)) & 3; }
 
-__global__ void __launch_bounds__(kGemvWarps * 32)
+// One step of a lane: chunks c0 + 32u, u < UNROLL, of its warp's ROWS rows. Consecutive lanes
+// read consecutive 16-byte chunks of a row, so every warp load is coalesced; weights are read
+// once per token, so they stream past L1 (ld.global.cs, evict-first). Chunks past the tile and
+// rows past N (or a warp past N: active = false) load zeros, which add nothing.
+struct GemvWeights {
+    uint4 w[kGemvUnroll][kGemvRows];
+};
+
+__device__ __forceinline__ void gemv_load(GemvWeights& g, const uint8_t* __restrict__ wtile,
+                                          int64_t row_bytes, int row0, int N, int c0, int chunks,
+                                          bool active) {
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u)
+#pragma unroll
+        for (int r = 0; r < kGemvRows; ++r) {
+            const int c = c0 + 32 * u;
+            g.w[u][r] = active && c < chunks && row0 + r < N
+                            ? __ldcs(reinterpret_cast<const uint4*>(wtile + (row0 + r) * row_bytes) + c)
+                            : make_uint4(0, 0, 0, 0);
+        }
+}
+
+// 4 shifts x UNROLL chunks x ROWS rows x 4 dp4a, the activations from the staged tile.
+__device__ __forceinline__ void gemv_dot_step(int (&acc)[kGemvRows], const GemvWeights& g,
+                                              const int8_t* act, int c0, int chunks, int lane) {
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+        const int c = c0 + 32 * u;
+        if (c >= chunks) break;
+        const int8_t* ablk = act + (c >> 1) * 128 + (c & 1) * 16;
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const int s = gemv_shift(t, lane);
+            const int4 a4 = *reinterpret_cast<const int4*>(ablk + 32 * s);
+            const int sh = 2 * s;
+#pragma unroll
+            for (int r = 0; r < kGemvRows; ++r) {
+                acc[r] = __dp4a(int((g.w[u][r].x >> sh) & kCodeMask), a4.x, acc[r]);
+                acc[r] = __dp4a(int((g.w[u][r].y >> sh) & kCodeMask), a4.y, acc[r]);
+                acc[r] = __dp4a(int((g.w[u][r].z >> sh) & kCodeMask), a4.z, acc[r]);
+                acc[r] = __dp4a(int((g.w[u][r].w >> sh) & kCodeMask), a4.w, acc[r]);
+            }
+        }
+    }
+}
+
+// The dot products of one staged tile: the step's weights (loaded by the caller before the
+// staging barrier) are computed while the next step's are in flight (software pipeline).
+__device__ __forceinline__ void gemv_tile(int (&acc)[kGemvRows], GemvWeights& g,
+                                          const uint8_t* __restrict__ wtile, int64_t row_bytes,
+                                          int row0, int N, const int8_t* act, int chunks,
+                                          int lane, bool active) {
+    for (int c0 = lane; active && c0 < chunks; c0 += 32 * kGemvUnroll) {
+        GemvWeights next;
+        gemv_load(next, wtile, row_bytes, row0, N, c0 + 32 * kGemvUnroll, chunks, active);
+        gemv_dot_step(acc, g, act, c0, chunks, lane);
+        g = next;
+    }
+}
+
+__device__ __forceinline__ void warp_sum_rows(int (&acc)[kGemvRows]) {
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+    }
+}
+
+__global__ void W2A8_GEMV_BOUNDS
 w2a8_gemv_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_sum,
                  const float* __restrict__ a_scale, const uint8_t* __restrict__ qweight,
                  const float* __restrict__ w_scale, int N, int Kpad, float* __restrict__ y,
@@ -131,65 +221,30 @@ w2a8_gemv_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_s
     const int row0 = (blockIdx.x * kGemvWarps + warp) * kGemvRows;
     const int64_t row_bytes = Kpad / 4;
     const int8_t* qr = q + m * Kpad;
+    const bool active = row0 < N;  // warps past N join the barriers but compute nothing
 
     int acc[kGemvRows];
 #pragma unroll
     for (int r = 0; r < kGemvRows; ++r) acc[r] = 0;
 
-    // Consecutive lanes read consecutive 16-byte chunks of a row: every warp load is coalesced.
-    // Weights are read once per token, so they stream past L1 (ld.global.cs, evict-first).
-    auto load_chunk = [&](uint4 (&w)[kGemvRows], const uint8_t* wtile, int c) {
-#pragma unroll
-        for (int r = 0; r < kGemvRows; ++r)
-            w[r] = row0 + r < N
-                       ? __ldcs(reinterpret_cast<const uint4*>(wtile + (row0 + r) * row_bytes) + c)
-                       : make_uint4(0, 0, 0, 0);
-    };
-    const bool active = row0 < N;  // warps past N join the barriers but compute nothing
-
     for (int k0 = 0; k0 < Kpad; k0 += kGemvKTile) {
         const int kt = min(kGemvKTile, Kpad - k0);
         const int chunks = kt / 64;
         const uint8_t* wtile = qweight + k0 / 4;
-        // Issue the first weight loads before staging the activations, so their DRAM latency
-        // overlaps the staging and the barriers instead of following them.
-        uint4 w[kGemvRows];
-        if (active && lane < chunks) load_chunk(w, wtile, lane);
+        // The first step's weight loads go out before the activation staging and its barriers,
+        // so their DRAM latency overlaps them instead of following them.
+        GemvWeights g;
+        gemv_load(g, wtile, row_bytes, row0, N, lane, chunks, active);
 
         __syncthreads();  // every warp is done reading the previous tile
         for (int i = threadIdx.x * 16; i < kt; i += kGemvWarps * 32 * 16)
             *reinterpret_cast<int4*>(act + i) = *reinterpret_cast<const int4*>(qr + k0 + i);
         __syncthreads();
-
-        for (int c = lane; active && c < chunks; c += 32) {
-            // Software pipeline: the next chunk's loads are in flight while this one computes.
-            uint4 w_next[kGemvRows] = {};
-            if (c + 32 < chunks) load_chunk(w_next, wtile, c + 32);
-            const int8_t* ablk = act + (c >> 1) * 128 + (c & 1) * 16;
-#pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                const int s = gemv_shift(t, lane);
-                const int4 a4 = *reinterpret_cast<const int4*>(ablk + 32 * s);
-                const int sh = 2 * s;
-#pragma unroll
-                for (int r = 0; r < kGemvRows; ++r) {
-                    acc[r] = __dp4a(int((w[r].x >> sh) & kCodeMask), a4.x, acc[r]);
-                    acc[r] = __dp4a(int((w[r].y >> sh) & kCodeMask), a4.y, acc[r]);
-                    acc[r] = __dp4a(int((w[r].z >> sh) & kCodeMask), a4.z, acc[r]);
-                    acc[r] = __dp4a(int((w[r].w >> sh) & kCodeMask), a4.w, acc[r]);
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < kGemvRows; ++r) w[r] = w_next[r];
-        }
+        gemv_tile(acc, g, wtile, row_bytes, row0, N, act, chunks, lane, active);
     }
 
-#pragma unroll
-    for (int r = 0; r < kGemvRows; ++r) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
-    }
-    if (lane == 0) {
+    warp_sum_rows(acc);
+    if (active && lane == 0) {
         const int32_t corr = row_sum[m];
 #pragma unroll
         for (int r = 0; r < kGemvRows; ++r) {
@@ -198,6 +253,71 @@ w2a8_gemv_kernel(const int8_t* __restrict__ q, const int32_t* __restrict__ row_s
             const int32_t d = acc[r] - corr;
             if (dot) dot[m * N + n] = d;
             if (y) y[m * N + n] = __fdiv_rn(float(d), __fmul_rn(*w_scale, a_scale[m]));
+        }
+    }
+}
+
+// Decode BitLinear in one launch: every block quantizes its token row itself (the row is a few
+// KB, L2-resident after the first block; max and sum are order-independent, so every block gets
+// the s and sum(q) of quantize_rows_kernel, bit for bit) into shared memory, then runs the GEMV
+// above on it. The first step's weight loads go out before the quantization, so their DRAM
+// latency overlaps it. Saves the quantizer's launch and the int8 row's round trip.
+constexpr int kFusedMaxKpad = 32768;  // dynamic shared memory without opting in above 48 KB
+
+template <typename T>
+__global__ void W2A8_GEMV_BOUNDS
+w2a8_bitlinear_gemv_kernel(const T* __restrict__ x, int K, int Kpad,
+                           const uint8_t* __restrict__ qweight, const float* __restrict__ w_scale,
+                           int N, float* __restrict__ y) {
+    extern __shared__ __align__(16) int8_t act[];  // Kpad bytes
+    __shared__ float fscratch[32];
+    __shared__ int iscratch[32];
+    constexpr int kThreads = kGemvWarps * 32;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t m = blockIdx.y;
+    const int row0 = (blockIdx.x * kGemvWarps + warp) * kGemvRows;
+    const int64_t row_bytes = Kpad / 4;
+    const int chunks = Kpad / 64;
+    const bool active = row0 < N;  // warps past N join the barriers but compute nothing
+
+    GemvWeights g;
+    gemv_load(g, qweight, row_bytes, row0, N, lane, chunks, active);
+
+    // quantize_rows_kernel, with this block's thread count.
+    const T* xr = x + m * K;
+    float amax = 0.f;
+    for (int k = threadIdx.x; k < K; k += kThreads) amax = fmaxf(amax, fabsf(load_as_float(xr, k)));
+    amax = block_reduce(amax, MaxOp(), 0.f, fscratch);
+    const float s = __fmul_rn(__frcp_rn(fmaxf(amax, kEps)), 127.0f);
+    int sum = 0;
+    for (int k4 = threadIdx.x * 4; k4 < Kpad; k4 += kThreads * 4) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int v = 0;
+            if (k4 + i < K) {
+                v = __float2int_rn(__fmul_rn(load_as_float(xr, k4 + i), s));
+                v = min(max(v, -128), 127);
+            }
+            sum += v;
+            word |= (uint32_t(v) & 0xffu) << (8 * i);
+        }
+        *reinterpret_cast<uint32_t*>(act + k4) = word;
+    }
+    sum = block_reduce(sum, AddOp(), 0, iscratch);  // its barriers also publish act
+
+    int acc[kGemvRows];
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) acc[r] = 0;
+    gemv_tile(acc, g, qweight, row_bytes, row0, N, act, chunks, lane, active);
+    warp_sum_rows(acc);
+    if (active && lane == 0) {
+        const float den = __fmul_rn(*w_scale, s);
+#pragma unroll
+        for (int r = 0; r < kGemvRows; ++r) {
+            const int n = row0 + r;
+            if (n >= N) break;
+            y[m * N + n] = __fdiv_rn(float(acc[r] - sum), den);
         }
     }
 }
@@ -422,6 +542,29 @@ cudaError_t w2a8_gemv(const int8_t* q, const int32_t* row_sum, const float* a_sc
                     static_cast<unsigned>(M));
     w2a8_gemv_kernel<<<grid, kGemvWarps * 32, 0, stream>>>(q, row_sum, a_scale, qweight, w_scale,
                                                           int(N), int(Kpad), y, dot);
+    return cudaGetLastError();
+}
+
+cudaError_t w2a8_bitlinear_gemv(const void* x, int x_dtype, int64_t M, int64_t K, int64_t Kpad,
+                                const uint8_t* qweight, const float* w_scale, int64_t N, float* y,
+                                cudaStream_t stream) {
+    if (!x || !qweight || !w_scale || !y || M <= 0 || K <= 0 || N <= 0 || M > 65535 ||
+        N > INT32_MAX)
+        return cudaErrorInvalidValue;
+    if (Kpad < K || Kpad % 128 != 0 || Kpad > kFusedMaxKpad) return cudaErrorInvalidValue;
+    if (!aligned16(qweight)) return cudaErrorMisalignedAddress;
+    constexpr int rows_per_block = kGemvWarps * kGemvRows;
+    const dim3 grid(static_cast<unsigned>((N + rows_per_block - 1) / rows_per_block),
+                    static_cast<unsigned>(M));
+    const size_t smem = static_cast<size_t>(Kpad);
+    if (x_dtype == W2A8_DTYPE_FLOAT32)
+        w2a8_bitlinear_gemv_kernel<float><<<grid, kGemvWarps * 32, smem, stream>>>(
+            static_cast<const float*>(x), int(K), int(Kpad), qweight, w_scale, int(N), y);
+    else if (x_dtype == W2A8_DTYPE_BFLOAT16)
+        w2a8_bitlinear_gemv_kernel<uint16_t><<<grid, kGemvWarps * 32, smem, stream>>>(
+            static_cast<const uint16_t*>(x), int(K), int(Kpad), qweight, w_scale, int(N), y);
+    else
+        return cudaErrorInvalidValue;
     return cudaGetLastError();
 }
 

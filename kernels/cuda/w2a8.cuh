@@ -45,6 +45,14 @@ cudaError_t w2a8_gemm(const int8_t* q, const int32_t* row_sum, const float* a_sc
                       const uint8_t* qweight, const float* w_scale, int64_t M, int64_t N,
                       int64_t Kpad, float* y, int32_t* dot, cudaStream_t stream);
 
+// Decode BitLinear in one launch: quantize_activations + w2a8_gemv fused, y (M, N) float32 from
+// x (M, K) float32 or bf16. Every block quantizes its token row into shared memory itself (same
+// s and sum(q), bit for bit), so y equals the two-launch path exactly. Kpad <= 32768, M <= 65535;
+// meant for M = 1 (each token row re-reads the weights).
+cudaError_t w2a8_bitlinear_gemv(const void* x, int x_dtype, int64_t M, int64_t K, int64_t Kpad,
+                                const uint8_t* qweight, const float* w_scale, int64_t N, float* y,
+                                cudaStream_t stream);
+
 // cudaGetErrorString of this library's runtime (ctypes callers have no other handle on it).
 const char* w2a8_error_string(int error);
 
