@@ -6,8 +6,9 @@ reported as achieved weight GB/s against bandwidths measured here. GEMM (a prefi
 compute-bound and timed with one weight copy. Both sides run interleaved, on the same number of
 threads; times are medians.
 
-    python -m bitnet_train.bench.kernels
+    bitnet-train bench kernels [--threads 2] [--prefill 128] [--reps 200]
 """
+import argparse
 import itertools
 import os
 import platform
@@ -194,8 +195,14 @@ def format_table(r: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    print(format_table(run_kernel_bench()))
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="bitnet-train bench kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prefill", type=int, default=128, help="M of the GEMM")
+    p.add_argument("--reps", type=int, default=200, help="GEMV repetitions (GEMM: a twentieth)")
+    args = p.parse_args(argv or [])
+    print(format_table(run_kernel_bench(args.threads, args.prefill, args.reps)))
 
 
 if __name__ == "__main__":
