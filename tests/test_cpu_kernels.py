@@ -158,6 +158,23 @@ def test_bitlinear_equals_reference_bitwise(native, m):
     assert torch.equal(cpu.bitlinear(x, qweight, s, 700), cpu.reference_bitlinear(x, qweight, s, 700))
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 2560, 7), (1, 300, 1), (3, 700, 13), (5, 128, 4), (1, 6912, 10)])
+def test_grouped_rows_give_the_same_integers(native, m, k, n):
+    """The decoder's streaming layout (group_rows) holds the same codes: the products are exact."""
+    qweight = random_qweight(n, k)
+    a = random_activations(m, packing.padded_features(k))
+    grouped = ext.group_rows(qweight.numpy())
+    assert grouped.shape == (-(-n // 4), 4 * qweight.shape[1])
+    got = torch.from_numpy(ext.ternary_gemm_int(a.numpy(), grouped, rows=n))
+    assert torch.equal(got, cpu.reference_matmul_int(a, qweight))
+
+
+def test_grouped_rows_of_the_wrong_shape_are_named(needs_ext):
+    grouped = ext.group_rows(random_qweight(8, 256).numpy())  # 8 rows: 2 groups
+    with pytest.raises(ValueError, match=r"grouped qweight of 9 rows must be \(3, 256\)"):
+        ext.ternary_gemm_int(random_activations(1, 256).numpy(), grouped, rows=9)
+
+
 # ---------------------------------------------------------------- int8-weight head
 
 

@@ -82,7 +82,7 @@ py::tuple quantize_activations(const py::handle& x_obj) {
   return py::make_tuple(q, scales);
 }
 
-py::array_t<int32_t> ternary_gemm_int(const py::handle& a_obj, const py::handle& w_obj) {
+py::array_t<int32_t> ternary_gemm_int(const py::handle& a_obj, const py::handle& w_obj, int64_t rows) {
   const py::array a = require<int8_t>(a_obj, "ternary_gemm_int: a", 2);
   const py::array w = require<uint8_t>(w_obj, "ternary_gemm_int: qweight", 2);
   const int64_t k_padded = a.shape(1);
@@ -90,14 +90,34 @@ py::array_t<int32_t> ternary_gemm_int(const py::handle& a_obj, const py::handle&
     throw py::value_error("ternary_gemm_int: a has " + std::to_string(k_padded) +
                           " columns; pad activations to a multiple of 128 (quantize_activations does)");
   }
-  check_weight(w, k_padded, "ternary_gemm_int");
-  const bitnet::TernaryGemm g{data<int8_t>(a), data<uint8_t>(w), a.shape(0), w.shape(0), k_padded};
+  // rows given: qweight is group_rows' output for that many rows; else the row-major layout.
+  const int64_t group = rows > 0 ? bitnet::kStreamGroup : 1;
+  const int64_t n = rows > 0 ? rows : w.shape(0);
+  if (rows > 0) {
+    if (w.shape(0) != (n + group - 1) / group || w.shape(1) != group * k_padded / 4) {
+      throw py::value_error("ternary_gemm_int: grouped qweight of " + std::to_string(n) + " rows must be (" +
+                            std::to_string((n + group - 1) / group) + ", " + std::to_string(group * k_padded / 4) +
+                            "), got (" + std::to_string(w.shape(0)) + ", " + std::to_string(w.shape(1)) +
+                            "); make it with group_rows");
+    }
+  } else {
+    check_weight(w, k_padded, "ternary_gemm_int");
+  }
+  const bitnet::TernaryGemm g{data<int8_t>(a), data<uint8_t>(w), a.shape(0), n, k_padded, group};
   py::array_t<int32_t> out({g.m, g.n});
   const Settings s = settings();
   {
     py::gil_scoped_release nogil;
     bitnet::gemm_int(s.isa, g, out.mutable_data(), s.threads);
   }
+  return out;
+}
+
+py::array_t<uint8_t> group_rows(const py::handle& w_obj) {
+  const py::array w = require<uint8_t>(w_obj, "group_rows: qweight", 2);
+  const int64_t n = w.shape(0), k_padded = w.shape(1) * 4, group = bitnet::kStreamGroup;
+  py::array_t<uint8_t> out({(n + group - 1) / group, group * w.shape(1)});
+  bitnet::group_rows(data<uint8_t>(w), n, k_padded, group, out.mutable_data());
   return out;
 }
 
@@ -225,18 +245,22 @@ class Decoder {
     return data<float>(a);
   }
 
+  // The decoder reads its own copy of the weights in the streaming layout (group_rows).
   bitnet::Projection projection(const py::handle& w_obj, const py::handle& scales_obj, const std::string& name,
                                 int64_t n, int64_t k) {
     const py::array w = require<uint8_t>(w_obj, name + " qweight", 2);
     if (w.shape(0) != n) throw py::value_error(name + " qweight must have " + std::to_string(n) + " rows");
-    check_weight(w, bitnet::padded_features(k), name);
-    keep_.push_back(w);
-    return {data<uint8_t>(w), vector(scales_obj, name + " row scales", n), n, k};
+    const int64_t k_padded = bitnet::padded_features(k);
+    check_weight(w, k_padded, name);
+    grouped_.emplace_back(bitnet::grouped_bytes(n, k_padded, bitnet::kStreamGroup));
+    bitnet::group_rows(data<uint8_t>(w), n, k_padded, bitnet::kStreamGroup, grouped_.back().data());
+    return {grouped_.back().data(), vector(scales_obj, name + " row scales", n), n, k, bitnet::kStreamGroup};
   }
 
   bitnet::DecoderShape shape_;
   std::vector<bitnet::DecoderLayer> layers_;
   std::vector<py::array> keep_;
+  std::vector<std::vector<uint8_t>> grouped_;
   bitnet::DecoderWorkspace workspace_;
   std::mutex workspace_mutex_;
 };
@@ -273,8 +297,11 @@ PYBIND11_MODULE(_cpu_kernels, m) {
   m.doc() = "Ternary-weight x int8-activation CPU kernels (BitNet b1.58); see bitnet_train.kernels.cpu";
   m.def("quantize_activations", &quantize_activations, py::arg("x"),
         "float32 (M, K) -> (int8 (M, Kpad), float32 scale (M,)): per-token absmax, as quant.quantize_int8");
-  m.def("ternary_gemm_int", &ternary_gemm_int, py::arg("a"), py::arg("qweight"),
-        "int8 (M, Kpad) x packed uint8 (N, Kpad/4) -> exact int32 (M, N) = a @ t^T");
+  m.def("ternary_gemm_int", &ternary_gemm_int, py::arg("a"), py::arg("qweight"), py::arg("rows") = 0,
+        "int8 (M, Kpad) x packed uint8 (N, Kpad/4) -> exact int32 (M, N) = a @ t^T; with rows = N, qweight "
+        "is group_rows' layout");
+  m.def("group_rows", &group_rows, py::arg("qweight"),
+        "packed uint8 (N, Kpad/4) -> the streaming layout (ceil(N/4), 4 * Kpad/4) the decoder reads");
   m.def("bitlinear_forward", &bitlinear_forward, py::arg("x"), py::arg("qweight"), py::arg("qscale"),
         py::arg("in_features"), "float32 (M, K) -> float32 (M, N): quantize, integer matmul, rescale");
   m.def("int8_weight_linear", &int8_weight_linear, py::arg("x"), py::arg("weight"), py::arg("scales"),

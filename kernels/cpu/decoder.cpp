@@ -112,7 +112,7 @@ class Step {
   void project(const float* in, const Projection& p, float* out) {
     const int64_t k_padded = padded_features(p.k);
     quantize_rows(isa_, in, rows_, p.k, k_padded, codes_.data(), a_scales_.data(), threads_);
-    const TernaryGemm g{codes_.data(), p.w, rows_, p.n, k_padded};
+    const TernaryGemm g{codes_.data(), p.w, rows_, p.n, k_padded, p.row_group};
     gemm_rescaled(isa_, g, a_scales_.data(), p.row_scales, out, threads_);
   }
 

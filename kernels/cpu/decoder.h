@@ -16,9 +16,10 @@ namespace bitnet {
 
 // One or more BitLinears with a common input, their packed rows concatenated.
 struct Projection {
-  const uint8_t* w;         // (n, k_padded / 4), the docs/formats.md layout
+  const uint8_t* w;         // n packed rows, row-major or grouped (TernaryGemm::row_group)
   const float* row_scales;  // (n,): s_w of the projection each row came from
   int64_t n, k;
+  int64_t row_group;
 };
 
 struct DecoderLayer {

@@ -87,10 +87,16 @@ struct TileShape {
   int rows, cols;
 };
 
+// Byte steps through the weights from a tile's first row: to the next row, and from one block
+// of a row to its next (row-major: ldw and 32; grouped: 32 and 32 * group).
+struct Strides {
+  int64_t row, block;
+};
+
 // dot(u, a) over `blocks` packed blocks for a rows x cols tile;
 // dots[i * kMaxTile + j] pairs activation row i with weight row j.
 using TileFn = void (*)(int rows, int cols, const int8_t* a, int64_t lda, const uint8_t* w,
-                        int64_t ldw, int64_t blocks, int32_t* dots);
+                        const Strides& ws, int64_t blocks, int32_t* dots);
 
 struct Kernel {
   TileFn tile;
@@ -98,9 +104,9 @@ struct Kernel {
   TileShape gemm;  // m > 1 (prefill): compute-bound, unpacked weights reused across activation rows
 };
 
-int32_t dot_u_scalar(const int8_t* a, const uint8_t* w, int64_t blocks) {
+int32_t dot_u_scalar(const int8_t* a, const uint8_t* w, int64_t block_stride, int64_t blocks) {
   int32_t acc = 0;
-  for (int64_t b = 0; b < blocks; ++b, a += kBlockValues, w += kBlockBytes) {
+  for (int64_t b = 0; b < blocks; ++b, a += kBlockValues, w += block_stride) {
     for (int j = 0; j < kBlockBytes; ++j) {
       for (int s = 0; s < 4; ++s) acc += ((w[j] >> (2 * s)) & 3) * a[s * kBlockBytes + j];
     }
@@ -108,10 +114,10 @@ int32_t dot_u_scalar(const int8_t* a, const uint8_t* w, int64_t blocks) {
   return acc;
 }
 
-void tile_scalar(int rows, int cols, const int8_t* a, int64_t lda, const uint8_t* w, int64_t ldw,
+void tile_scalar(int rows, int cols, const int8_t* a, int64_t lda, const uint8_t* w, const Strides& ws,
                  int64_t blocks, int32_t* dots) {
   for (int i = 0; i < rows; ++i) {
-    for (int j = 0; j < cols; ++j) dots[i * kMaxTile + j] = dot_u_scalar(a + i * lda, w + j * ldw, blocks);
+    for (int j = 0; j < cols; ++j) dots[i * kMaxTile + j] = dot_u_scalar(a + i * lda, w + j * ws.row, ws.block, blocks);
   }
 }
 
@@ -135,7 +141,7 @@ BITNET_AVX2 int32_t hsum(__m256i v) {
 }
 
 template <int Rows, int Cols>
-BITNET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const uint8_t* w, int64_t ldw,
+BITNET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const uint8_t* w, const Strides& ws,
                            int64_t blocks, int32_t* dots) {
   const __m256i low2 = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
@@ -149,7 +155,7 @@ BITNET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const uint8_t* w, int64
     const int64_t b1 = std::min(blocks, b0 + kFlushBlocks);
     for (int64_t b = b0; b < b1; ++b) {
       for (int j = 0; j < Cols; ++j) {
-        const uint8_t* wb = w + j * ldw + b * kBlockBytes;
+        const uint8_t* wb = w + j * ws.row + b * ws.block;
         _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchBytes), _MM_HINT_T1);
         const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
         for (int s = 0; s < 4; ++s) {  // bits 2s, 2s+1 of every byte: values 32s .. 32s+31
@@ -169,7 +175,7 @@ BITNET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const uint8_t* w, int64
   }
 }
 
-using TileImpl = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*);
+using TileImpl = void (*)(const int8_t*, int64_t, const uint8_t*, const Strides&, int64_t, int32_t*);
 
 // Every shape up to kMaxTile x kMaxTile: edge tiles need the smaller ones, and the tile choice
 // in kernel_for stays a one-line tuning change.
@@ -180,13 +186,15 @@ constexpr TileImpl kAvx2Tiles[kMaxTile][kMaxTile] = {
     {tile_avx2<4, 1>, tile_avx2<4, 2>, tile_avx2<4, 3>, tile_avx2<4, 4>},
 };
 
-void tile_avx2_any(int rows, int cols, const int8_t* a, int64_t lda, const uint8_t* w, int64_t ldw,
+void tile_avx2_any(int rows, int cols, const int8_t* a, int64_t lda, const uint8_t* w, const Strides& ws,
                    int64_t blocks, int32_t* dots) {
-  kAvx2Tiles[rows - 1][cols - 1](a, lda, w, ldw, blocks, dots);
+  kAvx2Tiles[rows - 1][cols - 1](a, lda, w, ws, blocks, dots);
 }
 
 // GEMM 4x2 measured best on Zen 3 (M=128, 2560x2560, one core: ~89 GMAC/s against 75-84 for
 // 4x1, 6x1, 8x1, and less for 2x4, 3x3, 2x2; larger tiles spill their int16 accumulators).
+static_assert(kStreamGroup % 4 == 0, "every tile width (1, 2, 4) must divide the row group");
+
 const Kernel& kernel_for(Isa isa) {
   static const Kernel scalar{tile_scalar, {1, 1}, {1, 1}};
   static const Kernel avx2{tile_avx2_any, {1, 4}, {4, 2}};
@@ -208,9 +216,12 @@ template <class Store>
 void run_gemm(Isa isa, const TernaryGemm& g, int threads, Store store) {
   const Kernel& kernel = kernel_for(isa);
   const TileShape tile = g.m == 1 ? kernel.gemv : kernel.gemm;
-  const int64_t lda = g.k_padded, ldw = g.k_padded / 4, blocks = g.k_padded / kBlockValues;
+  const int64_t lda = g.k_padded, ldw = g.k_padded / 4, blocks = g.k_padded / kBlockValues, group = g.row_group;
+  // Grouped rows: a tile stays inside one group (every tile width divides kStreamGroup).
+  const Strides strides{group == 1 ? ldw : kBlockBytes, group * kBlockBytes};
+  const auto row = [&](int64_t r) { return g.w + (r / group) * group * ldw + (r % group) * kBlockBytes; };
   const std::vector<int32_t> sums = row_sums(g.a, g.m, g.k_padded);
-  const int64_t panel = panel_rows(g.n, ldw, tile.cols, threads);
+  const int64_t panel = panel_rows(g.n, ldw, std::max<int>(tile.cols, static_cast<int>(group)), threads);
   const int64_t tasks = ceil_div(g.n, panel);
 
   parallel_for(tasks, threads, [&](int64_t t) {
@@ -220,7 +231,7 @@ void run_gemm(Isa isa, const TernaryGemm& g, int threads, Store store) {
       for (int64_t n0 = t * panel; n0 < n_end; n0 += tile.cols) {
         const int cols = static_cast<int>(std::min<int64_t>(tile.cols, n_end - n0));
         int32_t dots[kMaxTile * kMaxTile];
-        kernel.tile(rows, cols, g.a + m0 * lda, lda, g.w + n0 * ldw, ldw, blocks, dots);
+        kernel.tile(rows, cols, g.a + m0 * lda, lda, row(n0), strides, blocks, dots);
         for (int i = 0; i < rows; ++i) {
           for (int j = 0; j < cols; ++j) store(m0 + i, n0 + j, dots[i * kMaxTile + j] - sums[m0 + i]);
         }
@@ -240,6 +251,17 @@ void quantize_rows(Isa isa, const float* x, int64_t rows, int64_t k, int64_t k_p
     scales[r] = isa == Isa::kAvx2 ? quantize_row_avx2(x + r * k, k, qr) : quantize_row_scalar(x + r * k, k, qr);
     std::memset(qr + k, 0, k_padded - k);
   });
+}
+
+void group_rows(const uint8_t* w, int64_t n, int64_t k_padded, int64_t group, uint8_t* out) {
+  const int64_t blocks = k_padded / kBlockValues, ldw = k_padded / 4;
+  std::memset(out, 0, grouped_bytes(n, k_padded, group));
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t slot = ((r / group) * blocks + b) * group + r % group;
+      std::memcpy(out + slot * kBlockBytes, w + r * ldw + b * kBlockBytes, kBlockBytes);
+    }
+  }
 }
 
 void gemm_int(Isa isa, const TernaryGemm& g, int32_t* out, int threads) {
