@@ -2,8 +2,9 @@
 
 GEMV (one token, decode) is memory-bound: its floor is weight bytes / memory bandwidth, so it is
 timed with the weights streamed from DRAM (a rotation over copies totalling several L3s) and
-reported as achieved weight GB/s against bandwidths measured here. GEMM (a prefill batch) is
-compute-bound and timed with one weight copy. Both sides run interleaved, on the same number of
+reported as achieved weight GB/s against bandwidths measured here, in the export's row-major
+layout (the door's bitlinear) and in the row-grouped layout the engine's decoder streams. GEMM
+(a prefill batch) is compute-bound and timed with one weight copy. Both sides run interleaved, on the same number of
 threads; times are medians.
 
     bitnet-train bench kernels [--threads 2] [--prefill 128] [--reps 200]
@@ -39,6 +40,7 @@ class ShapeResult:
     out_features: int
     in_features: int
     gemv_us: float  # ours, M = 1, weights streamed from DRAM
+    gemv_grouped_us: float  # the same in the decoder's row-grouped layout (integer product only)
     gemv_torch_us: float
     gemv_cached_us: float  # ours, M = 1, one weight copy that stays in cache: the compute ceiling
     read_gbs: float  # memory read bandwidth, measured right after the GEMVs
@@ -52,6 +54,10 @@ class ShapeResult:
     @property
     def gemv_gbs(self) -> float:
         return self.weight_bytes / self.gemv_us / 1e3
+
+    @property
+    def gemv_grouped_gbs(self) -> float:
+        return self.weight_bytes / self.gemv_grouped_us / 1e3
 
     @property
     def gemv_cached_gbs(self) -> float:
@@ -130,13 +136,17 @@ def bench_shape(out_features, in_features, prefill_tokens, stream_bytes, threads
     qweight = packing.pack_ternary(codes)
     # The compiled kernel is called on numpy arrays as torch's F.linear is called on tensors.
     packed = rotation(lambda: qweight.numpy().copy(), qweight.numel(), stream_bytes)
+    grouped = rotation(lambda: _cpu_kernels.group_rows(qweight.numpy()), qweight.numel(), stream_bytes)
     dense = rotation(w.clone, w.numel() * 4, stream_bytes)
     scale = float(s)
     forward = _cpu_kernels.bitlinear_forward
 
     x1 = torch.randn(1, in_features)
-    gemv_us, gemv_torch_us = interleaved_us(
-        [lambda: forward(x1.numpy(), next(packed), scale, in_features), lambda: F.linear(x1, next(dense))],
+    a1, _ = _cpu_kernels.quantize_activations(x1.numpy())
+    gemv_us, gemv_grouped_us, gemv_torch_us = interleaved_us(
+        [lambda: forward(x1.numpy(), next(packed), scale, in_features),
+         lambda: _cpu_kernels.ternary_gemm_int(a1, next(grouped), rows=out_features),
+         lambda: F.linear(x1, next(dense))],
         reps,
     )
     # Right after the GEMVs, so on a shared machine both see about the same load. Not interleaved
@@ -150,7 +160,7 @@ def bench_shape(out_features, in_features, prefill_tokens, stream_bytes, threads
         max(5, reps // 20),
     )
     return ShapeResult(
-        out_features, in_features, gemv_us, gemv_torch_us, gemv_cached_us, read,
+        out_features, in_features, gemv_us, gemv_grouped_us, gemv_torch_us, gemv_cached_us, read,
         gemm_us / 1e3, gemm_torch_us / 1e3,
     )
 
@@ -180,15 +190,16 @@ def format_table(r: BenchResult) -> str:
         f"(parallel numpy max) measured per shape right after its GEMVs. Medians.",
         "",
         f"| out x in | GEMV ours (us) | GEMV torch fp32 (us) | speed-up | weight GB/s | read BW GB/s | "
-        f"% of read BW | % of copy BW | in-cache GB/s | GEMM M={r.prefill_tokens} ours (ms) | "
-        f"torch fp32 (ms) | speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"% of read BW | % of copy BW | grouped GEMV GB/s | grouped % of read BW | in-cache GB/s | "
+        f"GEMM M={r.prefill_tokens} ours (ms) | torch fp32 (ms) | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in r.shapes:
         lines.append(
             f"| {s.out_features}x{s.in_features} | {s.gemv_us:.1f} | {s.gemv_torch_us:.1f} | "
             f"{s.gemv_torch_us / s.gemv_us:.1f}x | {s.gemv_gbs:.1f} | {s.read_gbs:.1f} | "
             f"{100 * s.gemv_gbs / s.read_gbs:.0f}% | {100 * s.gemv_gbs / r.copy_gbs:.0f}% | "
+            f"{s.gemv_grouped_gbs:.1f} | {100 * s.gemv_grouped_gbs / s.read_gbs:.0f}% | "
             f"{s.gemv_cached_gbs:.1f} | {s.gemm_ms:.2f} | "
             f"{s.gemm_torch_ms:.2f} | {s.gemm_torch_ms / s.gemm_ms:.1f}x |"
         )
