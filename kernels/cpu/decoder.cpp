@@ -1,14 +1,11 @@
 #include "decoder.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "avx2.h"
 #include "thread_pool.h"
-
-#define BITNET_AVX2 __attribute__((target("avx2,fma")))
 
 namespace bitnet {
 namespace {
@@ -39,11 +36,7 @@ BITNET_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
   }
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  float total = _mm_cvtss_f32(s);
+  float total = hsum_ps(_mm256_add_ps(acc0, acc1));
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
 }

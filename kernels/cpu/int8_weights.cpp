@@ -1,14 +1,11 @@
 #include "int8_weights.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "avx2.h"
 #include "thread_pool.h"
-
-#define BITNET_AVX2 __attribute__((target("avx2,fma")))
 
 namespace bitnet {
 namespace {
@@ -42,13 +39,6 @@ void tile_scalar(int rows, int cols, const int16_t* q, int64_t k, const int8_t* 
   }
 }
 
-BITNET_AVX2 int64_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
-}
-
 template <int Rows, int Cols>
 BITNET_AVX2 void tile_avx2(const int16_t* q, int64_t k, const int8_t* w, int64_t* dots) {
   for (int i = 0; i < Rows; ++i) std::fill(dots + i * kMaxTile, dots + i * kMaxTile + Cols, 0);
@@ -74,7 +64,7 @@ BITNET_AVX2 void tile_avx2(const int16_t* q, int64_t k, const int8_t* w, int64_t
       }
     }
     for (int i = 0; i < Rows; ++i) {
-      for (int j = 0; j < Cols; ++j) dots[i * kMaxTile + j] += hsum(acc[i][j]);
+      for (int j = 0; j < Cols; ++j) dots[i * kMaxTile + j] += hsum_epi32(acc[i][j]);
     }
   }
   for (int i = 0; i < Rows; ++i) {

@@ -1,19 +1,13 @@
 // Ternary x int8 CPU kernels: a portable scalar path and an AVX2 path picked at run time.
-//
-// The AVX2 functions carry a target attribute instead of the whole file being built with
-// -mavx2, so the module still imports (and runs the scalar path) on CPUs without AVX2.
 #include "ternary_kernels.h"
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
+#include "avx2.h"
 #include "thread_pool.h"
-
-#define BITNET_AVX2 __attribute__((target("avx2,fma")))
 
 namespace bitnet {
 namespace {
@@ -133,13 +127,6 @@ static_assert(4 * kFlushBlocks * 2 * 2 * 128 <= 32768 && 4 * kFlushBlocks * 2 * 
 // L1: 5-15% faster in paired runs. 2-16 KB ahead measured alike.
 constexpr int64_t kPrefetchBytes = 4096;
 
-BITNET_AVX2 int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
-}
-
 template <int Rows, int Cols>
 BITNET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const uint8_t* w, const Strides& ws,
                            int64_t blocks, int32_t* dots) {
@@ -170,7 +157,7 @@ BITNET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const uint8_t* w, const
     }
     // Widening and reducing once per kFlushBlocks blocks costs next to nothing.
     for (int i = 0; i < Rows; ++i) {
-      for (int j = 0; j < Cols; ++j) dots[i * kMaxTile + j] += hsum(_mm256_madd_epi16(acc[i][j], ones));
+      for (int j = 0; j < Cols; ++j) dots[i * kMaxTile + j] += hsum_epi32(_mm256_madd_epi16(acc[i][j], ones));
     }
   }
 }
