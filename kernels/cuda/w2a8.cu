@@ -57,19 +57,16 @@ __device__ __forceinline__ T block_reduce(T v, Op op, T identity, T* scratch) {
     return scratch[0];
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kQuantThreads)
-quantize_rows_kernel(const T* __restrict__ x, int K, int Kpad, int8_t* __restrict__ q,
-                     float* __restrict__ scale, int32_t* __restrict__ row_sum) {
-    __shared__ float fscratch[32];
-    __shared__ int iscratch[32];
-    const int64_t m = blockIdx.x;
-    const T* xr = x + m * K;
-
+// One row of x quantized by a whole block of kThreads threads: int8 codes into q (zero padded to
+// Kpad). Returns the multiplier s; *row_sum gets the codes' sum. Every thread sees both, and the
+// closing barrier publishes q to the block.
+template <int kThreads, typename T>
+__device__ __forceinline__ float quantize_row_block(const T* __restrict__ xr, int K, int Kpad, int8_t* q,
+                                                    float* fscratch, int* iscratch, int* row_sum) {
     // Pass 1: absmax. x rows are not 16-byte aligned in general (K is arbitrary), so loads are
     // scalar but coalesced: consecutive threads read consecutive elements.
     float amax = 0.f;
-    for (int k = threadIdx.x; k < K; k += kQuantThreads) amax = fmaxf(amax, fabsf(load_as_float(xr, k)));
+    for (int k = threadIdx.x; k < K; k += kThreads) amax = fmaxf(amax, fabsf(load_as_float(xr, k)));
     amax = block_reduce(amax, MaxOp(), 0.f, fscratch);
 
     // torch evaluates quant.py's `127.0 / t` as `t.reciprocal() * 127.0`: two correctly rounded
@@ -80,8 +77,7 @@ quantize_rows_kernel(const T* __restrict__ x, int K, int Kpad, int8_t* __restric
     // them as one 32-bit word, so the int8 row is written with 128-byte warp transactions. The
     // padding K..Kpad is written as zeros, which makes the padded codes (u = 1) contribute 0.
     int sum = 0;
-    int8_t* qr = q + m * Kpad;
-    for (int k4 = threadIdx.x * 4; k4 < Kpad; k4 += kQuantThreads * 4) {
+    for (int k4 = threadIdx.x * 4; k4 < Kpad; k4 += kThreads * 4) {
         uint32_t word = 0;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -94,9 +90,21 @@ quantize_rows_kernel(const T* __restrict__ x, int K, int Kpad, int8_t* __restric
             sum += v;
             word |= (uint32_t(v) & 0xffu) << (8 * i);
         }
-        *reinterpret_cast<uint32_t*>(qr + k4) = word;
+        *reinterpret_cast<uint32_t*>(q + k4) = word;
     }
-    sum = block_reduce(sum, AddOp(), 0, iscratch);
+    *row_sum = block_reduce(sum, AddOp(), 0, iscratch);
+    return s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kQuantThreads)
+quantize_rows_kernel(const T* __restrict__ x, int K, int Kpad, int8_t* __restrict__ q,
+                     float* __restrict__ scale, int32_t* __restrict__ row_sum) {
+    __shared__ float fscratch[32];
+    __shared__ int iscratch[32];
+    const int64_t m = blockIdx.x;
+    int sum;
+    const float s = quantize_row_block<kQuantThreads>(x + m * K, K, Kpad, q + m * Kpad, fscratch, iscratch, &sum);
     if (threadIdx.x == 0) {
         scale[m] = s;
         row_sum[m] = sum;
@@ -283,28 +291,9 @@ w2a8_bitlinear_gemv_kernel(const T* __restrict__ x, int K, int Kpad,
     GemvWeights g;
     gemv_load(g, qweight, row_bytes, row0, N, lane, chunks, active);
 
-    // quantize_rows_kernel, with this block's thread count.
-    const T* xr = x + m * K;
-    float amax = 0.f;
-    for (int k = threadIdx.x; k < K; k += kThreads) amax = fmaxf(amax, fabsf(load_as_float(xr, k)));
-    amax = block_reduce(amax, MaxOp(), 0.f, fscratch);
-    const float s = __fmul_rn(__frcp_rn(fmaxf(amax, kEps)), 127.0f);
-    int sum = 0;
-    for (int k4 = threadIdx.x * 4; k4 < Kpad; k4 += kThreads * 4) {
-        uint32_t word = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int v = 0;
-            if (k4 + i < K) {
-                v = __float2int_rn(__fmul_rn(load_as_float(xr, k4 + i), s));
-                v = min(max(v, -128), 127);
-            }
-            sum += v;
-            word |= (uint32_t(v) & 0xffu) << (8 * i);
-        }
-        *reinterpret_cast<uint32_t*>(act + k4) = word;
-    }
-    sum = block_reduce(sum, AddOp(), 0, iscratch);  // its barriers also publish act
+    // quantize_rows_kernel's row, with this block's thread count; its barriers also publish act.
+    int sum;
+    const float s = quantize_row_block<kThreads>(x + m * K, K, Kpad, act, fscratch, iscratch, &sum);
 
     int acc[kGemvRows];
 #pragma unroll
