@@ -103,6 +103,36 @@ def test_builtin_answers_are_correct_and_rejected_replies_wrong():
         assert ex.wrong != ex.answer, ex
 
 
+def mistake_kind(ex) -> str:
+    """Names how a rejected reply differs from the answer (the kinds data/chat_tasks.py promises)."""
+    question, answer, wrong = ex.instruction, ex.answer.split(), ex.wrong.split()
+    if ex.task in ("addition", "counting"):
+        return f"{int(ex.wrong) - int(ex.answer):+d}"
+    if ex.task == "maximum":
+        numbers = sorted(map(int, re.findall(r"\d+", question)))
+        return "second largest" if int(ex.wrong) == numbers[-2] else f"{int(ex.wrong) - numbers[-1]:+d}"
+    assert len(wrong) == len(answer), ex
+    if ex.task == "reversal" and wrong == question.split(": ")[1].split():
+        return "copied"
+    if sorted(wrong) == sorted(answer):
+        return "neighbours swapped"
+    changed = [i for i, (w, a) in enumerate(zip(wrong, answer)) if w != a]
+    assert len(changed) == 1, ex
+    i = changed[0]
+    return "written twice" if i and wrong[i] == wrong[i - 1] else f"{int(wrong[i]) - int(answer[i]):+d}"
+
+
+def test_rejected_replies_are_near_misses_of_several_kinds():
+    kinds = {}
+    for ex in task_examples(1000, held_out=False, seed=0):
+        kinds.setdefault(ex.task, set()).add(mistake_kind(ex))
+    assert kinds["addition"] == {"+1", "-1", "+10", "-10"}
+    assert kinds["counting"] == {"+1", "-1"}
+    assert kinds["maximum"] == {"second largest", "+1", "+2", "+3", "-1", "-2", "-3"}  # minus: beside 99
+    assert kinds["reversal"] == {"copied", "neighbours swapped", "written twice"}
+    assert kinds["sorting"] == {"neighbours swapped", "written twice", "+1"}
+
+
 def test_builtin_tasks_are_deterministic_and_held_out_apart():
     train, held = task_examples(300, False, seed=5), task_examples(100, True, seed=5)
     assert train == task_examples(300, False, seed=5)
