@@ -105,6 +105,8 @@ class StageConfig:
     init_from: Optional[str] = None
     loss_reduction: str = "mean"  # mean | sum (SFT: sum, the report's choice)
     dpo_beta: float = 0.1
+    # DPO only: weight of the chosen reply's NLL added to the sigmoid loss (RPO, TRL's rpo_alpha); 0 = plain DPO.
+    dpo_rpo_alpha: float = 0.0
     max_nonfinite_steps: int = 10
 
 

@@ -8,6 +8,14 @@ class, so both run with ternary fake-quantized weights and int8 activations.
 A unit is a preference pair: with loss_reduction=mean (the default here, as in TRL) the update is
 the gradient of the mean pair loss over the global batch. Chosen and rejected replies of a
 micro-batch go through the model as one batch; only the reply's tokens count in the log-probs.
+
+dpo_rpo_alpha > 0 adds alpha times the NLL of the chosen reply (per token) to each pair's loss:
+RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"); in TRL, `rpo_alpha`, since
+1.x loss_type=["sigmoid", "sft"] with loss_weights=[1, alpha]. The sigmoid loss only sees the gap
+between chosen and rejected, so it can lower both; at an LR large enough to move ternary weights
+that cost the quickstart most of its task accuracy, and the NLL term keeps chosen replies likely.
+TRL averages the NLL over all chosen tokens of the batch, we over each reply's tokens and then
+over pairs (our unit): the same when the chosen replies are equally long.
 """
 import copy
 
@@ -16,7 +24,7 @@ import torch
 from ..config import StageConfig
 from ..data.chat import collate, encode_pairs, preference_splits, require_assistant_mask
 from ..data.sources import require_seq_len_fits
-from ..losses import dpo_sigmoid_loss, sequence_logps
+from ..losses import IGNORE, dpo_sigmoid_loss, sequence_logps
 from ..trainer import LossOutput
 
 
@@ -26,6 +34,16 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return reference
 
 
+def chosen_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """RPO's NLL term summed over pairs: each chosen reply's NLL per token."""
+    return -(policy_chosen / chosen_lengths).sum()
+
+
+def reply_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens each sequence's log-prob sums over (labels != IGNORE after the next-token shift)."""
+    return (labels[:, 1:] != IGNORE).sum(dim=1)
+
+
 class DPOStage:
     kind = "dpo"
     token_loss = False
@@ -33,7 +51,10 @@ class DPOStage:
     def __init__(self, cfg: StageConfig, tokenizer, seed: int, max_seq_len: int):
         require_seq_len_fits("dpo", cfg.data.seq_len, max_seq_len)
         require_assistant_mask(tokenizer)
+        if cfg.dpo_rpo_alpha < 0:
+            raise ValueError(f"dpo.dpo_rpo_alpha={cfg.dpo_rpo_alpha} is negative; use 0 (plain DPO) or a positive weight")
         self.beta = cfg.dpo_beta
+        self.rpo_alpha = cfg.dpo_rpo_alpha
         self.pad_id = tokenizer.pad_token_id
         self.pairs = {}
         for split, ds in preference_splits(cfg.data, seed).items():
@@ -62,6 +83,10 @@ class DPOStage:
         with torch.no_grad():
             ref_chosen, ref_rejected = sequence_logps(self.reference(ids).logits, labels).chunk(2)
         loss_sum, metrics = dpo_sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta)
+        if self.rpo_alpha:
+            nll = chosen_nll(policy_chosen, reply_lengths(labels[: len(policy_chosen)]))
+            loss_sum = loss_sum + self.rpo_alpha * nll
+            metrics["nll/chosen"] = nll.detach()
         return LossOutput(loss_sum, len(policy_chosen), metrics)
 
     def final_metrics(self, model) -> dict:
