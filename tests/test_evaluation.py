@@ -9,7 +9,7 @@ from bitnet_train.data.chat import generation_prompt
 from bitnet_train.data.chat_tasks import chat_messages, task_examples
 from bitnet_train.data.tokenizer import builtin_tokenizer
 from bitnet_train.evaluation import greedy_replies, preference_metrics, reward_metrics
-from bitnet_train.evaluation.report import dpo_references, format_table
+from bitnet_train.evaluation.report import dpo_references, format_table, held_out_pairs
 from bitnet_train.modeling_utils import build_model
 
 
@@ -29,11 +29,26 @@ def test_preference_and_reward_metrics_by_hand():
     policy = torch.tensor([[-1.0, -2.0], [-3.0, -2.5], [-1.0, -1.0]])  # (chosen, rejected) per pair
     reference = torch.tensor([[-1.5, -1.5], [-3.0, -2.0], [-1.0, -1.0]])
     assert preference_metrics(policy) == pytest.approx({"preference_accuracy": 1 / 3, "logp_margin": 0.5 / 3})
+    assert preference_metrics(policy, ["sorting", "counting", "sorting"]) == pytest.approx({
+        "preference_accuracy": 1 / 3, "logp_margin": 0.5 / 3,
+        "preference_accuracy/counting": 0.0, "preference_accuracy/sorting": 0.5,
+    })
     # reward margins: 0.1 * [(0.5 - -0.5), (0 - -0.5), 0] = [0.1, 0.05, 0]
     assert reward_metrics(policy, reference, beta=0.1) == pytest.approx(
         {"reward_margin": 0.05, "reward_accuracy": 2 / 3}
     )
     assert reward_metrics(reference, reference, beta=0.1) == {"reward_margin": 0.0, "reward_accuracy": 0.0}
+
+
+def test_report_pairs_are_labelled_with_their_own_task():
+    tok = builtin_tokenizer(4096)
+    cfg = compose_config(["dpo.data.num_eval_examples=10"])
+    examples = task_examples(10, held_out=True, seed=cfg.seed)
+    pairs, tasks = held_out_pairs(cfg, tok)
+    assert len(pairs) == len(tasks) == 10 and len(set(tasks)) == 5
+    for (chosen, rejected), task in zip(pairs, tasks):
+        prompt = tok.decode(chosen.input_ids)
+        assert [ex.task for ex in examples if f"User: {ex.instruction}<|eot_id|>" in prompt] == [task]
 
 
 def test_the_dpo_reference_is_the_checkpoint_the_stage_started_from():

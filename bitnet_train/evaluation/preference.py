@@ -26,9 +26,15 @@ def pair_logps(model, tokenizer, pairs: list[tuple[Encoded, Encoded]], batch_siz
     return torch.cat(out)
 
 
-def preference_metrics(logps: torch.Tensor) -> dict[str, float]:
+def preference_metrics(logps: torch.Tensor, tasks: list[str] | None = None) -> dict[str, float]:
+    """Accuracy and mean margin; with each pair's task, also the accuracy per task
+    ("preference_accuracy/NAME")."""
     margin = logps[:, 0] - logps[:, 1]
-    return {"preference_accuracy": float((margin > 0).float().mean()), "logp_margin": float(margin.mean())}
+    out = {"preference_accuracy": float((margin > 0).float().mean()), "logp_margin": float(margin.mean())}
+    for task in sorted(set(tasks or ())):
+        of_task = torch.tensor([t == task for t in tasks])
+        out[f"preference_accuracy/{task}"] = float((margin[of_task] > 0).float().mean())
+    return out
 
 
 def reward_metrics(logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> dict[str, float]:

@@ -3,7 +3,8 @@ held-out built-in data (instructions no stage trained on; see data/chat_tasks.py
 
 Columns: task accuracy (exact match of greedy replies), preference accuracy and log-prob margin
 (chosen vs the plausible wrong reply), and, for a DPO stage and its reference (the model it
-started from), DPO's implicit reward margin and accuracy relative to that reference.
+started from), DPO's implicit reward margin and accuracy relative to that reference. report.json
+also holds task and preference accuracy per task.
 """
 import json
 from pathlib import Path
@@ -36,16 +37,28 @@ def dpo_references(cfg: RunConfig, outputs: dict[str, Path]) -> dict[str, Path]:
     return references
 
 
+def held_out_pairs(cfg: RunConfig, tokenizer) -> tuple[list, list[str]]:
+    """The report's preference pairs and each one's task (encoded task by task, so a pair dropped
+    for length cannot shift the labels of the rest)."""
+    examples = task_examples(cfg.dpo.data.num_eval_examples, held_out=True, seed=cfg.seed)
+    pairs, tasks = [], []
+    for task in sorted({ex.task for ex in examples}):
+        triples = [preference_pair(ex) for ex in examples if ex.task == task]
+        encoded = encode_pairs(tokenizer, triples, cfg.dpo.data.seq_len, f"report preference pairs ({task})")
+        pairs += encoded
+        tasks += [task] * len(encoded)
+    return pairs, tasks
+
+
 def evaluate_stages(cfg: RunConfig, outputs: dict[str, Path], tokenizer, device="cpu") -> dict[str, dict]:
     tasks = task_examples(cfg.sft.data.num_eval_examples, held_out=True, seed=cfg.seed)
-    triples = map(preference_pair, task_examples(cfg.dpo.data.num_eval_examples, held_out=True, seed=cfg.seed))
-    pairs = encode_pairs(tokenizer, triples, cfg.dpo.data.seq_len, "report preference pairs")
+    pairs, pair_tasks = held_out_pairs(cfg, tokenizer)
     logps, results = {}, {}
 
     def measure(path: Path) -> dict:
         model = load_checkpoint_model(path, cfg.model.quantize).to(device)
         logps[path] = pair_logps(model, tokenizer, pairs)
-        return {**task_accuracy(model, tokenizer, tasks), **preference_metrics(logps[path])}
+        return {**task_accuracy(model, tokenizer, tasks), **preference_metrics(logps[path], pair_tasks)}
 
     row_of = {path: name for name, path in outputs.items()}
     for name, path in outputs.items():
