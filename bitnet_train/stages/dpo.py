@@ -13,7 +13,7 @@ dpo_rpo_alpha > 0 adds alpha times the NLL of the chosen reply (per token) to ea
 RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"); in TRL, `rpo_alpha`, since
 1.x loss_type=["sigmoid", "sft"] with loss_weights=[1, alpha]. The sigmoid loss only sees the gap
 between chosen and rejected, so it can lower both; at an LR large enough to move ternary weights
-that cost the quickstart most of its task accuracy, and the NLL term keeps chosen replies likely.
+that cost the quickstart close to half its task accuracy; the NLL term keeps chosen replies likely.
 TRL averages the NLL over all chosen tokens of the batch, we over each reply's tokens and then
 over pairs (our unit): the same when the chosen replies are equally long.
 """
