@@ -13,8 +13,9 @@ from transformers import AutoTokenizer
 from bitnet_train import cli, quant
 from bitnet_train.checkpoint import CheckpointError, write_manifest
 from bitnet_train.cli import compose_config
+from bitnet_train.config import RunConfig
 from bitnet_train.engine import Engine, Sampling, generate, perplexity, read_documents, token_blocks
-from bitnet_train.evaluation import pair_logps, task_accuracy
+from bitnet_train.evaluation import pair_logps, preference_metrics, task_accuracy
 from bitnet_train.evaluation.engine_model import EngineCausalLM
 from bitnet_train.data.chat import encode_pairs
 from bitnet_train.data.chat_tasks import preference_pair, task_examples
@@ -304,6 +305,21 @@ def test_eval_command_prints_perplexity_and_a_generation(exported, monkeypatch, 
     cli.main()
     out = capsys.readouterr().out
     assert "perplexity" in out and "generation" in out
+
+
+def test_eval_tasks_command_scores_the_reports_examples(exported, trained, tokenizer, monkeypatch, capsys):
+    """`eval --tasks` draws the held-out examples with the run's default seed, as the report does,
+    so its numbers are the training model's on the same examples."""
+    monkeypatch.setattr("sys.argv", ["bitnet-train", "eval", str(exported / "own"), "--tasks",
+                                     "--num-examples", "10", "--device", "cpu"])
+    cli.main()
+    printed = json.loads(capsys.readouterr().out.split("tasks: ", 1)[1])
+    tasks = task_examples(10, held_out=True, seed=RunConfig.seed)
+    pairs = encode_pairs(tokenizer, map(preference_pair, tasks), 128, "test pairs")
+    expected = {**task_accuracy(trained, tokenizer, tasks), **preference_metrics(pair_logps(trained, tokenizer, pairs))}
+    assert printed.keys() == expected.keys()
+    for key, value in expected.items():
+        assert printed[key] == pytest.approx(value, abs=1e-3), key
 
 
 def test_eval_command_names_a_missing_export_without_a_traceback(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoTokenizer
 
+from ..config import RunConfig
 from ..data.chat import encode_pairs
 from ..data.chat_tasks import preference_pair, task_examples
 from ..engine import Engine, Sampling, generate
@@ -56,10 +57,12 @@ class EngineCausalLM:
         return torch.cat([input_ids.cpu(), new], dim=1)
 
 
-def evaluate_export(export_dir: str | Path, num_examples: int = 200, seq_len: int = 128, seed: int = 0,
-                    head_dtype: str = "fp32", engine: Engine | None = None) -> dict[str, float]:
-    """Task accuracy and preference metrics of an export on the report's held-out built-in data
-    (report.evaluate_stages's defaults: data.num_eval_examples=200, seq_len=128, seed 0)."""
+def evaluate_export(export_dir: str | Path, num_examples: int = 200, seq_len: int = 128,
+                    seed: int = RunConfig.seed, head_dtype: str = "fp32",
+                    engine: Engine | None = None) -> dict[str, float]:
+    """Task accuracy and preference metrics of an export on the report's held-out built-in data.
+    The defaults are the report's with the default configs (data.num_eval_examples, seq_len 128,
+    the run's `seed`); pass the run's values to score the same examples as its report."""
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     model = EngineCausalLM(engine or Engine.from_export(export_dir, head_dtype))
     tasks = task_examples(num_examples, held_out=True, seed=seed)
