@@ -8,7 +8,7 @@ from bitnet_train.cli import compose_config
 from bitnet_train.data.chat import generation_prompt
 from bitnet_train.data.chat_tasks import chat_messages, task_examples
 from bitnet_train.data.tokenizer import builtin_tokenizer
-from bitnet_train.evaluation import greedy_replies, preference_metrics, reward_metrics
+from bitnet_train.evaluation import greedy_replies, pairs_changed, preference_metrics, reward_metrics
 from bitnet_train.evaluation.report import dpo_references, format_table, held_out_pairs
 from bitnet_train.modeling_utils import build_model
 
@@ -40,6 +40,14 @@ def test_preference_and_reward_metrics_by_hand():
     assert reward_metrics(reference, reference, beta=0.1) == {"reward_margin": 0.0, "reward_accuracy": 0.0}
 
 
+def test_pairs_fixed_and_broken_against_the_reference_by_hand():
+    reference = torch.tensor([[-2.0, -1.0], [-2.0, -1.0], [-2.0, -1.0], [-1.0, -2.0], [-1.0, -2.0]])
+    policy = torch.tensor([[-1.0, -2.0], [-1.0, -2.0], [-2.0, -1.0], [-2.0, -1.0], [-1.0, -2.0]])
+    # pairs 0 and 1 fixed, pair 3 broken; 2 stays wrong, 4 stays right: z = (2 - 1) / sqrt(3)
+    assert pairs_changed(policy, reference) == pytest.approx({"pairs_fixed": 2, "pairs_broken": 1, "mcnemar_z": 3 ** -0.5})
+    assert pairs_changed(reference, reference) == {"pairs_fixed": 0, "pairs_broken": 0, "mcnemar_z": 0.0}
+
+
 def test_report_pairs_are_labelled_with_their_own_task():
     tok = builtin_tokenizer(4096)
     cfg = compose_config(["dpo.data.num_eval_examples=10"])
@@ -65,3 +73,9 @@ def test_table_leaves_blank_what_a_stage_did_not_measure():
     assert lines[0].startswith("| stage | task accuracy |")
     assert lines[2] == "| pretrain | 0.000 |  |  |  |  |"
     assert lines[3] == "| dpo | 0.250 |  |  | 0.500 |  |"
+
+
+def test_table_states_the_pairs_a_dpo_stage_fixed_and_broke():
+    dpo = {"task_accuracy": 0.3, "pairs_fixed": 89, "pairs_broken": 54, "mcnemar_z": 2.93, "reference": "sft"}
+    table = format_table({"sft": {"task_accuracy": 0.3}, "dpo": dpo})
+    assert table.splitlines()[-1] == "dpo against sft: 89 held-out pairs fixed, 54 broken (McNemar z = 2.9)"

@@ -5,7 +5,12 @@ preference accuracy: share of pairs where the model gives the chosen reply the h
 reward margin: DPO's implicit reward, beta * [log p/p_ref (chosen) - log p/p_ref (rejected)],
     averaged over pairs; reward accuracy is the share of pairs where it is positive. Both are
     relative to a reference model (DPO's: the model it started from), so zero for the reference.
+pairs fixed / broken: pairs the model prefers correctly and the reference did not, and the
+    reverse. McNemar's z = (fixed - broken) / sqrt(fixed + broken) says whether a change of
+    preference accuracy on the same pairs is more than noise (|z| >= 2: about 95% confidence).
 """
+import math
+
 import torch
 
 from ..data.chat import Encoded, collate
@@ -41,3 +46,10 @@ def reward_metrics(logps: torch.Tensor, reference_logps: torch.Tensor, beta: flo
     rewards = beta * (logps - reference_logps)
     margin = rewards[:, 0] - rewards[:, 1]
     return {"reward_margin": float(margin.mean()), "reward_accuracy": float((margin > 0).float().mean())}
+
+
+def pairs_changed(logps: torch.Tensor, reference_logps: torch.Tensor) -> dict[str, float]:
+    right, was_right = logps[:, 0] > logps[:, 1], reference_logps[:, 0] > reference_logps[:, 1]
+    fixed, broken = int((right & ~was_right).sum()), int((~right & was_right).sum())
+    z = (fixed - broken) / math.sqrt(fixed + broken) if fixed + broken else 0.0
+    return {"pairs_fixed": fixed, "pairs_broken": broken, "mcnemar_z": z}

@@ -3,8 +3,9 @@ held-out built-in data (instructions no stage trained on; see data/chat_tasks.py
 
 Columns: task accuracy (exact match of greedy replies), preference accuracy and log-prob margin
 (chosen vs the plausible wrong reply), and, for a DPO stage and its reference (the model it
-started from), DPO's implicit reward margin and accuracy relative to that reference. report.json
-also holds task and preference accuracy per task.
+started from), DPO's implicit reward margin and accuracy relative to that reference. Under the
+table, each DPO stage's held-out pairs fixed and broken against that reference (McNemar's z).
+report.json also holds task and preference accuracy per task.
 """
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ from ..config import RunConfig
 from ..data.chat import encode_pairs
 from ..data.chat_tasks import preference_pair, task_examples
 from ..modeling_utils import load_checkpoint_model
-from .preference import pair_logps, preference_metrics, reward_metrics
+from .preference import pair_logps, pairs_changed, preference_metrics, reward_metrics
 from .tasks import task_accuracy
 
 COLUMNS = {
@@ -70,6 +71,7 @@ def evaluate_stages(cfg: RunConfig, outputs: dict[str, Path], tokenizer, device=
         beta = getattr(cfg, name).dpo_beta
         results[row_of[ref]].update(reward_metrics(logps[ref], logps[ref], beta))
         results[name].update(reward_metrics(logps[outputs[name]], logps[ref], beta))
+        results[name].update(pairs_changed(logps[outputs[name]], logps[ref]), reference=row_of[ref])
     return results
 
 
@@ -79,6 +81,12 @@ def format_table(results: dict[str, dict]) -> str:
     for name, row in results.items():
         cells = [f"{row[k]:.3f}" if k in row else "" for k in COLUMNS]
         lines.append("| " + " | ".join([name, *cells]) + " |")
+    for name, row in results.items():
+        if "mcnemar_z" in row:
+            lines.append(
+                f"\n{name} against {row['reference']}: {row['pairs_fixed']} held-out pairs fixed, "
+                f"{row['pairs_broken']} broken (McNemar z = {row['mcnemar_z']:.1f})"
+            )
     return "\n".join(lines)
 
 
