@@ -35,18 +35,23 @@ def _check_ternary(codes: torch.Tensor) -> None:
         )
 
 
+def _stored_codes(codes: torch.Tensor, caller: str, multiple: int) -> torch.Tensor:
+    """Ternary codes (out, in) as the stored digits code + 1 (uint8), padded with code 0 to a
+    multiple of `multiple` columns: the first step of both packed layouts."""
+    if codes.dim() != 2:
+        raise ValueError(f"{caller}: codes must be 2-D (out, in), got shape {tuple(codes.shape)}")
+    _check_ternary(codes)
+    u = (codes.to(torch.int8) + 1).to(torch.uint8)
+    return torch.nn.functional.pad(u, (0, -codes.shape[1] % multiple), value=1)
+
+
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     """Pack ternary codes (out, in) into uint8 (out, ceil(in/128)*32), docs/formats.md layout."""
-    if codes.dim() != 2:
-        raise ValueError(f"pack_ternary: codes must be 2-D (out, in), got shape {tuple(codes.shape)}")
-    _check_ternary(codes)
-    out_features, in_features = codes.shape
-    u = (codes.to(torch.int8) + 1).to(torch.uint8)
-    u = torch.nn.functional.pad(u, (0, padded_features(in_features) - in_features), value=1)
+    u = _stored_codes(codes, "pack_ternary", BLOCK_VALUES)
     # (out, block, i, j) -> byte j of a block ORs value 32 i + j shifted to bits 2i, 2i + 1.
-    u = u.view(out_features, -1, _CODES_PER_BYTE, BLOCK_BYTES)
+    u = u.view(len(u), -1, _CODES_PER_BYTE, BLOCK_BYTES)
     packed = (u << _SHIFTS.view(1, 1, -1, 1)).sum(dim=2, dtype=torch.uint8)
-    return packed.view(out_features, -1)
+    return packed.view(len(u), -1)
 
 
 def unpack_ternary(
@@ -122,13 +127,7 @@ def base3_row_bytes(in_features: int) -> int:
 
 def pack_ternary_base3(codes: torch.Tensor) -> torch.Tensor:
     """Pack ternary codes (out, in) into uint8 (out, ceil(in/5)), 5 base-3 digits per byte."""
-    if codes.dim() != 2:
-        raise ValueError(f"pack_ternary_base3: codes must be 2-D (out, in), got shape {tuple(codes.shape)}")
-    _check_ternary(codes)
-    out_features, in_features = codes.shape
-    u = (codes.to(torch.int8) + 1).to(torch.uint8)
-    pad = base3_row_bytes(in_features) * BASE3_VALUES_PER_BYTE - in_features
-    u = torch.nn.functional.pad(u, (0, pad), value=1).view(out_features, -1, BASE3_VALUES_PER_BYTE)
+    u = _stored_codes(codes, "pack_ternary_base3", BASE3_VALUES_PER_BYTE).view(len(codes), -1, BASE3_VALUES_PER_BYTE)
     return (u * _POWERS_OF_3).sum(dim=-1, dtype=torch.uint8)
 
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 # A model and data small enough that a pretraining run takes seconds on a 2-core CPU.
 TINY = [
@@ -17,6 +18,12 @@ TINY = [
     "pretrain.schedule.lr_stage2_peak=1.5e-3",
     "pretrain.eval_batches=4",
 ]
+
+
+def random_codes(shape, seed=0) -> torch.Tensor:
+    """Ternary codes in {-1, 0, 1} as float32, reproducible by seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, 2, shape, generator=g).float()
 
 
 @pytest.fixture

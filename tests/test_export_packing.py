@@ -11,13 +11,9 @@ from bitnet_train.packing import (
     unpack_ternary_base3,
     unpack_ternary_hf,
 )
+from conftest import random_codes
 
 SHAPES = [(4, 1), (8, 5), (12, 7), (16, 129), (40, 300)]
-
-
-def random_codes(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(-1, 2, shape, generator=g).float()
 
 
 @pytest.mark.parametrize("shape", SHAPES)

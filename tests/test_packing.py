@@ -4,13 +4,9 @@ import torch
 
 from bitnet_train import quant
 from bitnet_train.packing import pack_ternary, packed_row_bytes, unpack_ternary
+from conftest import random_codes
 
 SHAPES = [(1, 1), (3, 31), (2, 128), (5, 129), (4, 300), (7, 1000)]
-
-
-def random_codes(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(-1, 2, shape, generator=g).float()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
