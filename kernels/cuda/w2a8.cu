@@ -498,6 +498,19 @@ cudaError_t device_major(int* major) {
     return cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, dev);
 }
 
+// Launches `launch(T{})` with T the element type that x_dtype names (bf16 travels as its bits,
+// uint16_t), so each entry point writes its kernel launch once for both input types.
+template <class Launch>
+cudaError_t with_x_type(int x_dtype, Launch launch) {
+    if (x_dtype == W2A8_DTYPE_FLOAT32)
+        launch(float{});
+    else if (x_dtype == W2A8_DTYPE_BFLOAT16)
+        launch(uint16_t{});
+    else
+        return cudaErrorInvalidValue;
+    return cudaGetLastError();
+}
+
 }  // namespace
 
 extern "C" {
@@ -509,15 +522,11 @@ cudaError_t w2a8_quantize_activations(const void* x, int x_dtype, int64_t M, int
     if (Kpad < K || Kpad % 128 != 0 || Kpad > kMaxKpad) return cudaErrorInvalidValue;
     if (!aligned16(q)) return cudaErrorMisalignedAddress;
     const dim3 grid(static_cast<unsigned>(M)), block(kQuantThreads);
-    if (x_dtype == W2A8_DTYPE_FLOAT32)
-        quantize_rows_kernel<float><<<grid, block, 0, stream>>>(
-            static_cast<const float*>(x), int(K), int(Kpad), q, scale, row_sum);
-    else if (x_dtype == W2A8_DTYPE_BFLOAT16)
-        quantize_rows_kernel<uint16_t><<<grid, block, 0, stream>>>(
-            static_cast<const uint16_t*>(x), int(K), int(Kpad), q, scale, row_sum);
-    else
-        return cudaErrorInvalidValue;
-    return cudaGetLastError();
+    return with_x_type(x_dtype, [&](auto type) {
+        using T = decltype(type);
+        quantize_rows_kernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(x), int(K), int(Kpad), q,
+                                                            scale, row_sum);
+    });
 }
 
 cudaError_t w2a8_gemv(const int8_t* q, const int32_t* row_sum, const float* a_scale,
@@ -546,15 +555,11 @@ cudaError_t w2a8_bitlinear_gemv(const void* x, int x_dtype, int64_t M, int64_t K
     const dim3 grid(static_cast<unsigned>((N + rows_per_block - 1) / rows_per_block),
                     static_cast<unsigned>(M));
     const size_t smem = static_cast<size_t>(Kpad);
-    if (x_dtype == W2A8_DTYPE_FLOAT32)
-        w2a8_bitlinear_gemv_kernel<float><<<grid, kGemvWarps * 32, smem, stream>>>(
-            static_cast<const float*>(x), int(K), int(Kpad), qweight, w_scale, int(N), y);
-    else if (x_dtype == W2A8_DTYPE_BFLOAT16)
-        w2a8_bitlinear_gemv_kernel<uint16_t><<<grid, kGemvWarps * 32, smem, stream>>>(
-            static_cast<const uint16_t*>(x), int(K), int(Kpad), qweight, w_scale, int(N), y);
-    else
-        return cudaErrorInvalidValue;
-    return cudaGetLastError();
+    return with_x_type(x_dtype, [&](auto type) {
+        using T = decltype(type);
+        w2a8_bitlinear_gemv_kernel<T><<<grid, kGemvWarps * 32, smem, stream>>>(
+            static_cast<const T*>(x), int(K), int(Kpad), qweight, w_scale, int(N), y);
+    });
 }
 
 cudaError_t w2a8_gemm(const int8_t* q, const int32_t* row_sum, const float* a_scale,
