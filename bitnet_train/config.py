@@ -50,6 +50,9 @@ class DataConfig:
     # Built-in chat/preference task sets (SFT/DPO): examples per split.
     num_train_examples: int = 2000
     num_eval_examples: int = 200
+    # Built-in SFT data only: this share of training replies is the task's near miss instead of
+    # the answer (noisy demonstrations, which the built-in preference pairs then correct).
+    wrong_reply_fraction: float = 0.0
     # Rows that lack the expected fields are skipped and counted; above this fraction we stop.
     max_bad_row_fraction: float = 0.01
 

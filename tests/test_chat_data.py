@@ -149,6 +149,23 @@ def test_builtin_preference_pairs_put_the_correct_answer_first():
         assert row["chosen"] == ex.answer != row["rejected"]
 
 
+def test_wrong_reply_fraction_gives_that_share_of_near_miss_demonstrations_in_training_only():
+    cfg = DataConfig(num_train_examples=1000, num_eval_examples=50, wrong_reply_fraction=0.3)
+    splits = chat_splits(cfg, seed=0)
+    train, held = task_examples(1000, False, seed=0), task_examples(50, True, seed=0)
+    replies = [messages[-1]["content"] for messages in splits["train"]["messages"]]
+    assert all(reply in (ex.answer, ex.wrong) for reply, ex in zip(replies, train))
+    assert 0.25 < sum(reply == ex.wrong for reply, ex in zip(replies, train)) / len(train) < 0.35
+    assert [messages[-1]["content"] for messages in splits["validation"]["messages"]] == [ex.answer for ex in held]
+    # The same instructions slip whatever the number of examples drawn.
+    fewer = chat_splits(DataConfig(num_train_examples=100, num_eval_examples=50, wrong_reply_fraction=0.3), seed=0)
+    assert fewer["train"]["messages"] == splits["train"]["messages"][:100]
+    clean = chat_splits(DataConfig(num_train_examples=100, num_eval_examples=50), seed=0)
+    assert [m[-1]["content"] for m in clean["train"]["messages"]] == [ex.answer for ex in train[:100]]
+    with pytest.raises(ValueError, match="wrong_reply_fraction=1.5"):
+        chat_splits(DataConfig(wrong_reply_fraction=1.5), seed=0)
+
+
 # ---- hub-shaped files -----------------------------------------------------------------------
 
 

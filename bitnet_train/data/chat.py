@@ -23,7 +23,7 @@ from datasets import Dataset, DatasetDict
 
 from ..config import DataConfig
 from ..losses import IGNORE
-from .chat_tasks import chat_messages, preference_pair, task_examples
+from .chat_tasks import chat_messages, demonstration, preference_pair, task_examples
 from .sources import DataError, keep_valid_rows, load_splits
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,15 @@ def is_conversation(row: dict) -> bool:
 
 
 def builtin_chat(cfg: DataConfig, seed: int) -> DatasetDict:
-    def split(n: int, held_out: bool) -> Dataset:
-        return Dataset.from_dict({"messages": [chat_messages(ex) for ex in task_examples(n, held_out, seed)]})
-
-    return DatasetDict(train=split(cfg.num_train_examples, False), validation=split(cfg.num_eval_examples, True))
+    """Training conversations with cfg.wrong_reply_fraction of near-miss replies; the held-out
+    ones always correct, so validation loss measures the right answers."""
+    if not 0.0 <= cfg.wrong_reply_fraction <= 1.0:
+        raise ValueError(f"data.wrong_reply_fraction={cfg.wrong_reply_fraction} is not a share; use a value in [0, 1]")
+    train = [demonstration(ex, cfg.wrong_reply_fraction) for ex in task_examples(cfg.num_train_examples, False, seed)]
+    validation = [chat_messages(ex) for ex in task_examples(cfg.num_eval_examples, True, seed)]
+    return DatasetDict(
+        train=Dataset.from_dict({"messages": train}), validation=Dataset.from_dict({"messages": validation})
+    )
 
 
 def chat_splits(cfg: DataConfig, seed: int) -> DatasetDict:

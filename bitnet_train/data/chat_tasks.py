@@ -7,8 +7,9 @@ sorting: two neighbours out of order, one number off by one or written twice; co
 many or too few; maximum: the second largest or a number just beside the largest). With one kind
 per task (a + b + 1, the copy, descending order, the smallest) the quickstart's SFT model already
 preferred the correct answer in 87% of pairs: the measure saturated on mistakes it never makes.
-SFT trains on the correct answers, DPO on (correct, wrong) pairs, and evaluation checks greedy
-generations against the correct answer.
+SFT trains on the correct answers (or, with data.wrong_reply_fraction, on some near misses: noisy
+demonstrations), DPO on (correct, wrong) pairs, and evaluation checks greedy generations against
+the correct answer.
 
 Items are separated by spaces ("a b c", "3 1 2") so that each is one token of a byte-level
 BPE: the tasks then test the model, not the tokenizer's merges.
@@ -127,6 +128,16 @@ def chat_messages(ex: TaskExample, reply: str | None = None) -> list[dict]:
         {"role": "user", "content": ex.instruction},
         {"role": "assistant", "content": ex.answer if reply is None else reply},
     ]
+
+
+def demonstration(ex: TaskExample, wrong_reply_fraction: float) -> list[dict]:
+    """The example as an SFT conversation whose reply is the near miss (`ex.wrong`) for about
+    `wrong_reply_fraction` of instructions, else the answer. Demonstrations written by people or
+    models carry such slips; the preference pairs of the same instructions (chosen = the answer,
+    rejected = that near miss) then say which reply is right, which the demonstrations alone do
+    not. Which instructions slip depends on the instruction alone, like the held-out split."""
+    slipped = random.Random(f"demonstration {ex.instruction}").random() < wrong_reply_fraction
+    return chat_messages(ex, ex.wrong if slipped else None)
 
 
 def preference_pair(ex: TaskExample) -> tuple[list[dict], str, str]:
