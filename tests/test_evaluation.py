@@ -44,7 +44,9 @@ def test_pairs_fixed_and_broken_against_the_reference_by_hand():
     reference = torch.tensor([[-2.0, -1.0], [-2.0, -1.0], [-2.0, -1.0], [-1.0, -2.0], [-1.0, -2.0]])
     policy = torch.tensor([[-1.0, -2.0], [-1.0, -2.0], [-2.0, -1.0], [-2.0, -1.0], [-1.0, -2.0]])
     # pairs 0 and 1 fixed, pair 3 broken; 2 stays wrong, 4 stays right: z = (2 - 1) / sqrt(3)
-    assert pairs_changed(policy, reference) == pytest.approx({"pairs_fixed": 2, "pairs_broken": 1, "mcnemar_z": 3 ** -0.5})
+    assert pairs_changed(policy, reference) == pytest.approx(
+        {"pairs_fixed": 2, "pairs_broken": 1, "mcnemar_z": 3 ** -0.5}
+    )
     assert pairs_changed(reference, reference) == {"pairs_fixed": 0, "pairs_broken": 0, "mcnemar_z": 0.0}
 
 
