@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError, verify_manifest
 from .config import RunConfig
+from .data.chat import check_wrong_reply_fraction
 from .data.sources import check_files
 from .data.tokenizer import load_tokenizer
 from .evaluation.report import write_report
@@ -53,6 +54,7 @@ def validate_run(cfg: RunConfig) -> None:
             raise ValueError(f"{name}.loss_reduction={stage.loss_reduction!r}; use mean or sum")
         if stage.data.source == "files":
             check_files(stage.data)
+        check_wrong_reply_fraction(stage.data, name)
         if stage.init_from and not Path(stage.init_from).is_dir():
             raise FileNotFoundError(f"{name}.init_from={stage.init_from} does not exist")
         if stage.data.seq_len > cfg.model.max_position_embeddings:

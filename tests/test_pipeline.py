@@ -65,3 +65,9 @@ def test_a_stage_starts_from_a_transformers_bitnet_checkpoint(tmp_path, monkeypa
 def test_the_report_must_come_after_training():
     with pytest.raises(ValueError, match="after every training stage"):
         validate_run(compose_config(["pipeline=[sft,report,dpo]", "output_dir=/tmp/unused"]))
+
+
+def test_a_wrong_reply_fraction_outside_0_1_fails_before_pretraining():
+    cfg = compose_config(["pipeline=[pretrain,sft]", "sft.data.wrong_reply_fraction=1.5", "output_dir=/tmp/unused"])
+    with pytest.raises(ValueError, match=r"sft\.data\.wrong_reply_fraction=1\.5 is not a share"):
+        validate_run(cfg)

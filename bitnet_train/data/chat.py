@@ -158,11 +158,17 @@ def is_conversation(row: dict) -> bool:
     return is_message_list(messages) and any(m["role"] == "assistant" and m["content"] for m in messages)
 
 
+def check_wrong_reply_fraction(cfg: DataConfig, stage: str = "data") -> None:
+    if not 0.0 <= cfg.wrong_reply_fraction <= 1.0:
+        raise ValueError(
+            f"{stage}.data.wrong_reply_fraction={cfg.wrong_reply_fraction} is not a share; use a value in [0, 1]"
+        )
+
+
 def builtin_chat(cfg: DataConfig, seed: int) -> DatasetDict:
     """Training conversations with cfg.wrong_reply_fraction of near-miss replies; the held-out
     ones always correct, so validation loss measures the right answers."""
-    if not 0.0 <= cfg.wrong_reply_fraction <= 1.0:
-        raise ValueError(f"data.wrong_reply_fraction={cfg.wrong_reply_fraction} is not a share; use a value in [0, 1]")
+    check_wrong_reply_fraction(cfg)
     train = [demonstration(ex, cfg.wrong_reply_fraction) for ex in task_examples(cfg.num_train_examples, False, seed)]
     validation = [chat_messages(ex) for ex in task_examples(cfg.num_eval_examples, True, seed)]
     return DatasetDict(

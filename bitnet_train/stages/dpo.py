@@ -14,8 +14,8 @@ RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"); in TRL, `
 1.x loss_type=["sigmoid", "sft"] with loss_weights=[1, alpha]. The sigmoid loss only sees the gap
 between chosen and rejected, so it can lower both. On the quickstart, at an LR large enough to
 move ternary weights, beta 0.1 kept pushing near misses down until greedy replies broke (task
-accuracy 0.23 -> 0.14); beta 1 lets the loss saturate at a margin of a few nats, not tens, and keeps it (0.23 -> 0.22),
-and the NLL term lifts it (0.34).
+accuracy 0.23 -> 0.14); beta 1 lets the loss saturate at a margin of a few nats, not tens, and
+keeps it (0.23 -> 0.22), and the NLL term lifts it (0.34).
 TRL averages the NLL over all chosen tokens of the batch, we over each reply's tokens and then
 over pairs (our unit): the same when the chosen replies are equally long.
 """
