@@ -194,23 +194,38 @@ class BitNetTrainForCausalLM(BitNetTrainPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
-        **kwargs,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        cache_position: torch.LongTensor | None = None,
     ) -> CausalLMOutputWithPast:
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        h = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        """No **kwargs: an argument this model does not know fails here instead of being dropped.
+
+        transformers renamed the KV cache `past_key_values` -> `cache` (5.2x); both are accepted.
+        `return_dict` and older generate()'s `cache_position` change nothing: the output is always
+        a ModelOutput and positions follow from the cache length.
+        """
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise TypeError("pass the KV cache once, as `cache` (or the older `past_key_values`), not both")
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        h = self.model(input_ids, attention_mask, position_ids, cache)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None
         if labels is not None:  # transformers' convention: mean next-token loss
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: cache})
 
+
+# Where generate() looks for the cache in a model's output: `cache` from transformers 5.2x on,
+# `past_key_values` before.
+OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 AutoConfig.register(BitNetTrainConfig.model_type, BitNetTrainConfig)
 AutoModelForCausalLM.register(BitNetTrainConfig, BitNetTrainForCausalLM)

@@ -74,6 +74,24 @@ def test_kv_cache_generation_equals_full_recompute():
     assert torch.equal(generated, ids)
 
 
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_the_cache_is_read_under_its_new_and_old_name(name):
+    """transformers renamed the KV cache argument; a decode step must see the prompt either way."""
+    from transformers.cache_utils import DynamicCache
+
+    model = tiny().eval()
+    ids = torch.randint(0, 96, (1, 7))
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :-1], **{name: cache}, use_cache=True)
+    step = model(ids[:, -1:], **{name: cache}, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, model(ids).logits[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_forward_arguments_fail_loudly():
+    with pytest.raises(TypeError, match="kv_cache"):
+        tiny()(torch.randint(0, 96, (1, 4)), kv_cache=None)
+
+
 def test_padded_batch_matches_unpadded_rows():
     model = tiny().eval()
     a, b = torch.randint(2, 96, (1, 8)), torch.randint(2, 96, (1, 5))
