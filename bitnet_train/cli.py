@@ -15,29 +15,11 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from .config import RunConfig, register_configs
-
-ROOT = Path(__file__).resolve().parent.parent  # the repository: configs/ and recipes/ live here
-CONFIG_DIR = ROOT / "configs"
-SEARCHPATH = f"hydra.searchpath=[file://{ROOT}]"  # makes recipes/ a config group
-
-
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Typed config (validated by Hydra against the dataclasses on composition)."""
-    return OmegaConf.to_object(cfg)
-
-
-def compose_config(overrides: list[str]) -> RunConfig:
-    """The same config the CLI would build, for tests and tools (no Hydra run directory)."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[SEARCHPATH, *overrides])
-    return to_run_config(cfg)
+from .config import CONFIG_MODULE, register_configs, to_run_config
 
 
 def place_sweep_job(cfg: DictConfig) -> None:
@@ -72,7 +54,7 @@ def rank_overrides(argv: list[str]) -> list[str]:
 def train_main(argv: list[str]) -> None:
     register_configs()
 
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+    @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")
     def _run(cfg: DictConfig) -> float | None:
         from .pipeline import run_pipeline
         from .sweep import final_val_loss
@@ -90,7 +72,7 @@ def train_main(argv: list[str]) -> None:
         return final_val_loss(Path(cfg.output_dir))
 
     # Ours go last: Hydra's flags (-m, --cfg job) must come before the overrides.
-    sys.argv = [sys.argv[0], *argv, SEARCHPATH, *rank_overrides(argv)]
+    sys.argv = [sys.argv[0], *argv, *rank_overrides(argv)]
     _run()
 
 
@@ -116,7 +98,7 @@ def export_main(argv: list[str]) -> None:
 
 
 def eval_main(argv: list[str]) -> None:
-    from .engine.cli import main
+    from .scoring.cli import main
 
     main(argv)
 

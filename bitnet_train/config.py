@@ -3,8 +3,13 @@ dataclasses, so a mistyped key or a wrong type fails at start-up, naming the key
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+# The config groups ship inside the package (recipes/ is one of them), so a plain
+# `pip install bitnet-train` runs `bitnet-train recipes=quickstart` from any directory.
+CONFIG_MODULE = "bitnet_train.configs"
 
 
 @dataclass
@@ -124,10 +129,10 @@ class LoggingConfig:
 
 
 @dataclass
-class LaunchConfig:
-    """Resolved by accelerate at run time; these are the knobs our code reads itself."""
+class RuntimeConfig:
+    """Process settings our code applies itself (how many processes, and where, is the
+    launcher's business: accelerate configs in launch/)."""
 
-    mixed_precision: str = "no"  # no | bf16 (the per-stage precision wins when set)
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     deterministic: bool = True
 
@@ -140,7 +145,7 @@ class RunConfig:
     sft: StageConfig = MISSING
     dpo: StageConfig = MISSING
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     pipeline: list[str] = field(default_factory=lambda: ["pretrain"])
     output_dir: str = MISSING
     seed: int = 1234
@@ -158,7 +163,19 @@ def register_configs() -> None:
         ("schedule", ScheduleConfig),
         ("stage", StageConfig),
         ("logging", LoggingConfig),
-        ("launch", LaunchConfig),
+        ("runtime", RuntimeConfig),
         ("tokenizer", TokenizerConfig),
     ]:
         cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Typed config (validated by Hydra against the dataclasses on composition)."""
+    return OmegaConf.to_object(cfg)
+
+
+def compose_config(overrides: list[str]) -> RunConfig:
+    """The config the CLI would build, for tests and tools (no Hydra run directory)."""
+    register_configs()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return to_run_config(compose("config", overrides=overrides))

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.gpus < 1 or args.days <= 0 or args.tokens <= 0:
         parser.error("--gpus, --days and --tokens must be positive")
 
-    from .cli import compose_config
+    from .config import compose_config
 
     cfg = compose_config([f"recipes={args.recipe}"])
     shape = ModelShape.from_config(cfg.model, args.vocab)

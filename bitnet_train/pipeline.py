@@ -19,8 +19,8 @@ from .config import RunConfig
 from .data.chat import check_wrong_reply_fraction
 from .data.sources import check_files
 from .data.tokenizer import load_tokenizer
-from .evaluation.report import write_report
-from .modeling_utils import build_model, load_checkpoint_model
+from .scoring.report import write_report
+from .model_factory import build_model, load_checkpoint_model
 from .schedules import validate as validate_schedule
 from .stages import STAGES, build_stage
 from .trainer import RunContext, train
@@ -91,9 +91,9 @@ def stage_done(stage_dir: Path) -> bool:
 
 def run_pipeline(cfg: RunConfig) -> dict[str, Path]:
     validate_run(cfg)
-    if cfg.launch.num_threads:
-        torch.set_num_threads(cfg.launch.num_threads)
-    if cfg.launch.deterministic:
+    if cfg.runtime.num_threads:
+        torch.set_num_threads(cfg.runtime.num_threads)
+    if cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator = Accelerator()
     out = Path(cfg.output_dir)

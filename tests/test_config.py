@@ -6,11 +6,11 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from bitnet_train import cli
-from bitnet_train.cli import compose_config
-from bitnet_train.config import RunConfig
+import bitnet_train
+from bitnet_train.config import RunConfig, compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
+RECIPES = Path(bitnet_train.__file__).parent / "configs" / "recipes"
 
 
 def test_default_config_is_typed():
@@ -33,7 +33,7 @@ def test_2b4t_matches_the_report():
     assert (m.num_attention_heads, m.num_key_value_heads, m.rope_theta) == (20, 5, 500000.0)
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_every_recipe_composes(recipe):
     compose_config([f"recipes={recipe}"])
 
@@ -57,13 +57,12 @@ def test_wrong_type_fails_naming_the_key():
     assert "could not be converted to Integer" in str(err.value.__cause__)
 
 
-def test_mistyped_key_in_a_yaml_file_fails(tmp_path, monkeypatch):
+def test_mistyped_key_in_a_yaml_file_fails(tmp_path):
     recipe_dir = tmp_path / "recipes"
     recipe_dir.mkdir()
     (recipe_dir / "typo.yaml").write_text("# @package _global_\npretrain:\n  micro_batch_sise: 4\n")
-    monkeypatch.setattr(cli, "SEARCHPATH", f"hydra.searchpath=[file://{ROOT},file://{tmp_path}]")
     with pytest.raises(ConfigCompositionException) as err:
-        compose_config(["recipes=typo"])
+        compose_config(["recipes=typo", f"hydra.searchpath=[file://{tmp_path}]"])
     assert "full_key: pretrain.micro_batch_sise" in str(err.value)
 
 

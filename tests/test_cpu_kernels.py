@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitnet_train import packing, quant
+from bitnet_train import quant, ternary_layout
 from bitnet_train.kernels import cpu
 
 ext = cpu._ext
@@ -45,7 +45,7 @@ def generator(seed):
 
 
 def random_qweight(n, k, seed=0):
-    return packing.pack_ternary(torch.randint(-1, 2, (n, k), generator=generator(seed)))
+    return ternary_layout.pack_ternary(torch.randint(-1, 2, (n, k), generator=generator(seed)))
 
 
 def random_activations(m, kpad, seed=1):
@@ -55,7 +55,7 @@ def random_activations(m, kpad, seed=1):
 def assert_quantized_like_quant(x, q, s):
     q_ref, s_ref = quant.quantize_int8(x)
     k = x.shape[1]
-    assert q.dtype == torch.int8 and q.shape == (x.shape[0], packing.padded_features(k))
+    assert q.dtype == torch.int8 and q.shape == (x.shape[0], ternary_layout.padded_features(k))
     assert torch.equal(q[:, :k], q_ref.to(torch.int8))
     assert not q[:, k:].any(), "padding must be zero"
     assert torch.equal(s, s_ref.squeeze(-1))  # bitwise: same float32 operations
@@ -116,7 +116,7 @@ def test_quantize_all_zero_row(native):
 @pytest.mark.parametrize("k,n", [(1, 1), (100, 5), (129, 33), (300, 67), (513, 8), (2100, 9)])
 def test_matmul_int_equals_reference(native, m, k, n):
     qweight = random_qweight(n, k, seed=k + n)
-    a = random_activations(m, packing.padded_features(k), seed=m)
+    a = random_activations(m, ternary_layout.padded_features(k), seed=m)
     out = cpu.ternary_matmul_int(a, qweight)
     assert out.dtype == torch.int32 and out.shape == (m, n)
     assert torch.equal(out, cpu.reference_matmul_int(a, qweight))
@@ -128,7 +128,7 @@ def test_matmul_int_is_exact_at_int16_extremes(native, m, a_value, t):
     """Constant rows drive every int16 partial sum to its bound; K spans several flushes."""
     k, n = 128 * 40, 5
     a = torch.full((m, k), a_value, dtype=torch.int8)
-    qweight = packing.pack_ternary(torch.full((n, k), t))
+    qweight = ternary_layout.pack_ternary(torch.full((n, k), t))
     assert torch.equal(cpu.ternary_matmul_int(a, qweight), torch.full((m, n), a_value * t * k, dtype=torch.int32))
 
 
@@ -138,7 +138,7 @@ def test_matmul_int_is_exact_at_int16_extremes(native, m, a_value, t):
 def ternary_layer(n, k, seed=3):
     w = torch.randn(n, k, generator=generator(seed))
     codes, s = quant.ternarize(w)
-    return w, packing.pack_ternary(codes), s
+    return w, ternary_layout.pack_ternary(codes), s
 
 
 @pytest.mark.parametrize("shape", [(1, 300), (5, 300), (2, 3, 300)])
@@ -162,7 +162,7 @@ def test_bitlinear_equals_reference_bitwise(native, m):
 def test_grouped_rows_give_the_same_integers(native, m, k, n):
     """The decoder's streaming layout (group_rows) holds the same codes: the products are exact."""
     qweight = random_qweight(n, k)
-    a = random_activations(m, packing.padded_features(k))
+    a = random_activations(m, ternary_layout.padded_features(k))
     grouped = ext.group_rows(qweight.numpy())
     assert grouped.shape == (-(-n // 4), 4 * qweight.shape[1])
     got = torch.from_numpy(ext.ternary_gemm_int(a.numpy(), grouped, rows=n))
@@ -289,7 +289,7 @@ def test_settings_reject_unknown_values(needs_ext):
 
 def test_concurrent_calls_from_python_threads(needs_ext):
     """Kernels release the GIL; two callers sharing the worker pool still get exact results."""
-    qweight, a = random_qweight(300, 1000), random_activations(5, packing.padded_features(1000))
+    qweight, a = random_qweight(300, 1000), random_activations(5, ternary_layout.padded_features(1000))
     expected = cpu.reference_matmul_int(a, qweight)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: cpu.ternary_matmul_int(a, qweight), range(64)))
@@ -302,7 +302,7 @@ def _matmul_in_child(a, qweight, queue):
 
 def test_forked_child_runs_kernels_after_parent_used_threads(needs_ext):
     """A fork()ed child (e.g. a DataLoader worker) has no pool workers and must not wait on them."""
-    qweight, a = random_qweight(64, 500), random_activations(3, packing.padded_features(500))
+    qweight, a = random_qweight(64, 500), random_activations(3, ternary_layout.padded_features(500))
     expected = cpu.ternary_matmul_int(a, qweight)  # starts the parent's workers
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()

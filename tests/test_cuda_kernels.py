@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from bitnet_train import quant
 from bitnet_train.kernels import cuda_reference as ref
-from bitnet_train.packing import pack_ternary, padded_features, unpack_ternary
+from bitnet_train.ternary_layout import pack_ternary, padded_features, unpack_ternary
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bitnet_train.cli import compose_config
+from bitnet_train.config import compose_config
 from bitnet_train.metrics import read_jsonl
 from bitnet_train.pipeline import run_pipeline
 

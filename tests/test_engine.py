@@ -12,17 +12,17 @@ from transformers import AutoTokenizer
 
 from bitnet_train import cli, quant
 from bitnet_train.checkpoint import CheckpointError, write_manifest
-from bitnet_train.cli import compose_config
+from bitnet_train.config import compose_config
 from bitnet_train.config import RunConfig
 from bitnet_train.engine import Engine, Sampling, generate, perplexity, read_documents, token_blocks
-from bitnet_train.evaluation import pair_logps, preference_metrics, task_accuracy
-from bitnet_train.evaluation.engine_model import EngineCausalLM
+from bitnet_train.scoring import pair_logps, preference_metrics, task_accuracy
+from bitnet_train.scoring.engine_scores import EngineCausalLM
 from bitnet_train.data.chat import encode_pairs
 from bitnet_train.data.chat_tasks import preference_pair, task_examples
 from bitnet_train.export import export
 from bitnet_train.export.source import load_training_model
 from bitnet_train.kernels import cpu, cuda
-from bitnet_train.packing import unpack_ternary
+from bitnet_train.ternary_layout import unpack_ternary
 from bitnet_train.pipeline import run_pipeline
 from conftest import TINY
 

@@ -25,11 +25,11 @@ from bitnet_train.export.sizes import (
     non_embedding_bytes,
     ternary_shapes,
 )
-from bitnet_train.modeling_utils import named_model_config
+from bitnet_train.model_factory import named_model_config
 from bitnet_train.export.source import TernaryWeight, load_training_model, read_checkpoint
 from bitnet_train.model import BitNetTrainConfig, BitNetTrainForCausalLM
-from bitnet_train.modeling_utils import load_checkpoint_model
-from bitnet_train.packing import base3_row_bytes, packed_row_bytes, unpack_ternary, unpack_ternary_base3, unpack_ternary_hf
+from bitnet_train.model_factory import load_checkpoint_model
+from bitnet_train.ternary_layout import base3_row_bytes, packed_row_bytes, unpack_ternary, unpack_ternary_base3, unpack_ternary_hf
 from bitnet_train.quant import BitLinear, ternarize
 from bitnet_train.trainer import save_final
 

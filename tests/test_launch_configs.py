@@ -21,7 +21,7 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataP
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 from bitnet_train import model as model_module
-from bitnet_train.cli import compose_config
+from bitnet_train.config import compose_config
 from bitnet_train.config import StageConfig
 from bitnet_train.model import BitNetTrainConfig, BitNetTrainForCausalLM
 from bitnet_train.pipeline import validate_run

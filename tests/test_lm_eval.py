@@ -16,7 +16,7 @@ from bitnet_train.config import TokenizerConfig  # noqa: E402
 from bitnet_train.data.tokenizer import load_tokenizer  # noqa: E402
 from bitnet_train.engine import Engine, generate  # noqa: E402
 from bitnet_train.export import export  # noqa: E402
-from bitnet_train.lm_eval_adapter import BitNetTrainLM  # noqa: E402  (registers "bitnet-train")
+from bitnet_train.scoring.lm_eval_adapter import BitNetTrainLM  # noqa: E402  (registers "bitnet-train")
 from bitnet_train.model import BitNetTrainConfig, BitNetTrainForCausalLM  # noqa: E402
 from bitnet_train.trainer import save_final  # noqa: E402
 

@@ -4,13 +4,13 @@ import json
 import pytest
 
 from bitnet_train.checkpoint import verify_manifest
-from bitnet_train.cli import compose_config
+from bitnet_train.config import compose_config
 from bitnet_train.metrics import read_jsonl
 from bitnet_train.pipeline import run_pipeline, validate_run
 
 TINY = [
     # One thread: these tensors are too small to gain from two, and a shared CPU punishes oversubscription.
-    "logging=off", "logging.plot=false", "logging.progress_bar=false", "launch.num_threads=1",
+    "logging=off", "logging.plot=false", "logging.progress_bar=false", "runtime.num_threads=1",
     "pretrain.max_steps=2", "pretrain.micro_batch_size=4", "pretrain.data.seq_len=32",
     "pretrain.eval_batches=1",
     "sft.max_steps=2", "sft.micro_batch_size=4", "sft.data.num_train_examples=8", "sft.data.num_eval_examples=5",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitnet_train.checkpoint import verify_manifest
-from bitnet_train.cli import compose_config
+from bitnet_train.config import compose_config
 from bitnet_train.metrics import read_jsonl
 from bitnet_train.model import BitNetTrainForCausalLM
 from bitnet_train.pipeline import run_pipeline

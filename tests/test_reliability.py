@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from bitnet_train import checkpoint as checkpoint_module
 from bitnet_train import pipeline as pipeline_module
 from bitnet_train.checkpoint import CheckpointError
-from bitnet_train.cli import compose_config
+from bitnet_train.config import compose_config
 from bitnet_train.data.sources import DataError
 from bitnet_train.metrics import read_jsonl
 from bitnet_train.pipeline import run_pipeline
@@ -28,7 +28,7 @@ STEPS = 24
 
 def run_args(tiny_overrides, save_every=3):
     return [*tiny_overrides, f"pretrain.max_steps={STEPS}", f"pretrain.save_every={save_every}",
-            "pretrain.eval_every=8", "logging.log_every=1", "launch.num_threads=1"]
+            "pretrain.eval_every=8", "logging.log_every=1", "runtime.num_threads=1"]
 
 
 def curve(run_dir: Path) -> list:

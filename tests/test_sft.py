@@ -6,10 +6,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from bitnet_train.cli import compose_config
+from bitnet_train.config import compose_config
 from bitnet_train.data.tokenizer import builtin_tokenizer
 from bitnet_train.losses import IGNORE
-from bitnet_train.modeling_utils import build_model
+from bitnet_train.model_factory import build_model
 from bitnet_train.stages.sft import SFTStage
 from bitnet_train.trainer import RunContext, train
 

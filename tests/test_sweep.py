@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 
-from bitnet_train.cli import CONFIG_DIR, SEARCHPATH
-from bitnet_train.config import register_configs
+from bitnet_train.config import CONFIG_MODULE, register_configs
 from bitnet_train.sweep import final_val_loss, main as sweep_summary, summarize
 
 from conftest import TINY
@@ -88,8 +87,8 @@ def test_summary_of_a_directory_without_runs_says_what_it_expected(tmp_path):
 
 def hydra_node(*overrides: str):
     register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=[SEARCHPATH, *overrides], return_hydra_config=True).hydra
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True).hydra
 
 
 def test_submitit_launcher_config_targets_slurm():

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bitnet_train.packing import pack_ternary, padded_features
+from bitnet_train.ternary_layout import pack_ternary, padded_features
 
 SHAPES_2B4T = {  # (N, K) of each BitLinear in a 2B4T layer
     "q_proj / o_proj 2560x2560": (2560, 2560),

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import Engine
-from ..engine.cli import set_cpu_threads
 from ..engine.weights import ATTENTION, GATE_UP, HEAD_DTYPES, Head, build_weights
 from ..kernels import cpu
 from ..model import BitNetTrainConfig
-from ..packing import packed_row_bytes
+from ..ternary_layout import packed_row_bytes
 from .kernels import cpu_model
 
 SHAPE_2B4T = dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick look")
     args = p.parse_args(argv or [])
     heads = [h.strip() for h in args.heads.split(",")]
-    set_cpu_threads(args.threads)
+    cpu.set_num_threads(args.threads)
     engine, embed = random_2b4t(**({"num_hidden_layers": args.layers} if args.layers else {}))
     prompt = torch.randint(0, engine.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     bandwidth = read_gbs()

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitnet_train import packing, quant
+from bitnet_train import quant, ternary_layout
+from bitnet_train.kernels import cpu
 
 try:  # timed directly: the door's tensor checks and reshapes are not the kernel
     from bitnet_train import _cpu_kernels
@@ -49,7 +50,7 @@ class ShapeResult:
 
     @property
     def weight_bytes(self) -> int:
-        return self.out_features * packing.packed_row_bytes(self.in_features)
+        return self.out_features * ternary_layout.packed_row_bytes(self.in_features)
 
     @property
     def gemv_gbs(self) -> float:
@@ -133,7 +134,7 @@ def rotation(make, nbytes_each: int, stream_bytes: int):
 def bench_shape(out_features, in_features, prefill_tokens, stream_bytes, threads, reps) -> ShapeResult:
     w = torch.randn(out_features, in_features)
     codes, s = quant.ternarize(w)
-    qweight = packing.pack_ternary(codes)
+    qweight = ternary_layout.pack_ternary(codes)
     # The compiled kernel is called on numpy arrays as torch's F.linear is called on tensors.
     packed = rotation(lambda: qweight.numpy().copy(), qweight.numel(), stream_bytes)
     grouped = rotation(lambda: _cpu_kernels.group_rows(qweight.numpy()), qweight.numel(), stream_bytes)
@@ -174,8 +175,7 @@ def run_kernel_bench(
             "the kernel bench needs the compiled AVX2 kernels (bitnet_train._cpu_kernels): "
             "install a C++17 compiler and reinstall with `pip install -e .`, on an AVX2 CPU"
         )
-    torch.set_num_threads(threads)
-    _cpu_kernels.set_num_threads(threads)
+    cpu.set_num_threads(threads)
     load_average = os.getloadavg()[0]
     stream_bytes = 4 * l3_bytes()
     copy = copy_gbs(stream_bytes)

@@ -10,7 +10,7 @@ import time
 import torch
 
 from ..model import BitNetTrainConfig, BitNetTrainForCausalLM
-from ..modeling_utils import named_model_config
+from ..model_factory import named_model_config
 
 
 def step_time(model, optimizer, ids) -> float:

@@ -1,1 +1,1 @@
-"""Data: sources (built-in, local files, hub), the tokenizer, packing and the batch stream."""
+"""Data: sources (built-in, local files, hub), the tokenizer, token blocks and the batch stream."""

@@ -1,5 +1,5 @@
 """Perplexity of the engine on a text dataset, packed the way pretraining packs its data
-(data/packing.py: <bos> doc <eos> ... cut into seq_len blocks), so on the built-in validation split
+(data/token_blocks.py: <bos> doc <eos> ... cut into seq_len blocks), so on the built-in validation split
 it is directly comparable with the training run's val/ppl."""
 import json
 import math
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..data.builtin_text import builtin_documents, split_every_nth
-from ..data.packing import pack_documents
+from ..data.token_blocks import pack_documents
 from ..losses import next_token_loss_sum
 from .model import Engine
 

@@ -25,7 +25,7 @@ from ..checkpoint import CheckpointError, verify_manifest
 from ..export.own_format import LAYOUTS, WEIGHTS, packed_layout
 from ..kernels import cpu
 from ..model import BitNetTrainConfig
-from ..packing import pack_ternary, packed_row_bytes
+from ..ternary_layout import pack_ternary, packed_row_bytes
 
 HEAD_DTYPES = ("fp32", "bf16", "int8")
 ATTENTION = ("q_proj", "k_proj", "v_proj")

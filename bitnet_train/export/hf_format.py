@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from transformers import BitNetConfig
 
 from ..checkpoint import CheckpointError
-from ..packing import HF_VALUES_PER_BYTE, pack_ternary_hf
+from ..ternary_layout import HF_VALUES_PER_BYTE, pack_ternary_hf
 from .source import TernaryCheckpoint
 
 WEIGHTS = "model.safetensors"

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, verify_manifest
 from ..model import BitNetTrainConfig, BitNetTrainForCausalLM
-from ..packing import pack_ternary, pack_ternary_base3, unpack_ternary, unpack_ternary_base3
+from ..ternary_layout import pack_ternary, pack_ternary_base3, unpack_ternary, unpack_ternary_base3
 from ..quant import BitLinear, quantize_activation, straight_through
 from .source import PACKED_FORMAT, TernaryCheckpoint
 
@@ -34,7 +34,7 @@ def write(ckpt: TernaryCheckpoint, out: Path, layout: str) -> Path:
         tensors[f"{w.module}.qscale"] = w.scale.reshape(1)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": PACKED_FORMAT, "layout": layout})
     config = copy.deepcopy(ckpt.config)
-    # Marks the directory as packed: training's init_from (modeling_utils.load_checkpoint_model)
+    # Marks the directory as packed: training's init_from (model_factory.load_checkpoint_model)
     # refuses offline-quantized checkpoints instead of loading qweight-less BitLinears at random.
     config.quantization_config = {"quant_method": PACKED_FORMAT, "quantization_mode": "offline"}
     config.save_pretrained(out)

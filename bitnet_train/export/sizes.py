@@ -14,8 +14,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ..model import BitNetTrainConfig, BitNetTrainForCausalLM
-from ..modeling_utils import named_model_config
-from ..packing import base3_row_bytes, packed_row_bytes
+from ..model_factory import named_model_config
+from ..ternary_layout import base3_row_bytes, packed_row_bytes
 from ..quant import BitLinear
 from .gguf_format import gguf_name
 from .source import EMBEDDING_NAMES, TernaryCheckpoint

@@ -15,7 +15,7 @@ from safetensors.torch import load_model
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..checkpoint import MANIFEST, CheckpointError, verify_manifest
-from ..modeling_utils import load_checkpoint_model
+from ..model_factory import load_checkpoint_model
 from ..model import BitNetTrainConfig, BitNetTrainForCausalLM
 from ..quant import BitLinear, ternarize
 

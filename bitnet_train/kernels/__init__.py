@@ -6,5 +6,5 @@
 
 Each door offers quantize_activations(x), ternary_matmul_int(a, qweight) and
 bitlinear(x, qweight, qscale, in_features) with the same results. Weights are in the packed
-layout of docs/formats.md (bitnet_train.packing); quantization follows bitnet_train.quant.
+layout of docs/formats.md (bitnet_train.ternary_layout); quantization follows bitnet_train.quant.
 """

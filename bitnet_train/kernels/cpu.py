@@ -14,7 +14,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from bitnet_train import packing, quant
+from bitnet_train import quant, ternary_layout
 
 try:
     from bitnet_train import _cpu_kernels as _ext
@@ -61,8 +61,10 @@ def backend() -> str:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads the compiled kernels use (default: all hardware threads). On a machine shared
-    with other busy processes, 1 avoids waiting on a preempted helper (docs/bench_kernels.md)."""
+    """Threads for torch's ops and for the compiled kernels, which keep their own setting
+    (default: all hardware threads). On a machine shared with other busy processes, 1 avoids
+    waiting on a preempted helper (docs/bench_kernels.md)."""
+    torch.set_num_threads(n)
     if _ext is not None:
         _ext.set_num_threads(n)
 
@@ -102,7 +104,7 @@ def bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_features: int) 
     """BitLinear's inference forward, float32 (..., N), for x (..., in_features).
 
     Equals F.linear(quant.quantize_activation(x), quant.quantize_weight(W)) up to float32
-    rounding, for qweight = packing.pack_ternary(codes) and qscale = s of quant.ternarize(W).
+    rounding, for qweight = ternary_layout.pack_ternary(codes) and qscale = s of quant.ternarize(W).
     """
     lead = x.shape[:-1]
     x2d = _cpu(x, "x").float().reshape(-1, x.shape[-1])
@@ -150,7 +152,7 @@ def native_decoder(hidden: int, intermediate: int, heads: int, kv_heads: int, ep
 def reference_quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quant.quantize_int8 in the kernels' format: int8 (M, Kpad) zero padded, s (M,)."""
     q, s = quant.quantize_int8(x)
-    pad = packing.padded_features(x.shape[-1]) - x.shape[-1]
+    pad = ternary_layout.padded_features(x.shape[-1]) - x.shape[-1]
     return F.pad(q, (0, pad)).to(torch.int8), s.squeeze(-1)
 
 
@@ -158,7 +160,7 @@ def reference_matmul_int(a: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor
     """a @ t^T in exact int32 arithmetic on the unpacked codes."""
     if a.dtype != torch.int8 or a.dim() != 2:
         raise ValueError(f"a must be a 2-D int8 tensor, got {a.dtype} of shape {tuple(a.shape)}")
-    codes = packing.unpack_ternary(qweight, a.shape[1], dtype=torch.int32)
+    codes = ternary_layout.unpack_ternary(qweight, a.shape[1], dtype=torch.int32)
     return a.to(torch.int32) @ codes.T
 
 

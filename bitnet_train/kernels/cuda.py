@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bitnet_train.packing import packed_row_bytes, padded_features
+from bitnet_train.ternary_layout import packed_row_bytes, padded_features
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels" / "cuda"
 _SOURCES = ("w2a8.cu", "w2a8.cuh", "build.sh")
@@ -223,7 +223,7 @@ def bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_features: int,
     """BitLinear's inference forward, float32 (..., N), for x (..., in_features) on the GPU.
 
     Equals F.linear(quant.quantize_activation(x), quant.quantize_weight(W)) up to float32
-    rounding, for qweight = packing.pack_ternary(codes) and qscale = s of quant.ternarize(W)
+    rounding, for qweight = ternary_layout.pack_ternary(codes) and qscale = s of quant.ternarize(W)
     (a float, or a one-element tensor; keep it on the GPU to avoid a copy per call).
     Up to GEMV_MAX_TOKENS tokens (decode) run as one fused launch (quantize + GEMV), more as the
     quantizer and the GEMM; both give the same bits. fused: force (True) or refuse (False) the

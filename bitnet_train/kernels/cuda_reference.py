@@ -7,14 +7,14 @@ logic of the kernels is tested on machines without a GPU (tests/test_cuda_kernel
 with an independent int64 matmul of the unpacked codes), and so a GPU test that disagrees can be
 bisected against a readable model of what the kernel was meant to do.
 
-The packed layout is docs/formats.md via bitnet_train.packing; the quantizer's contract is
+The packed layout is docs/formats.md via bitnet_train.ternary_layout; the quantizer's contract is
 bitnet_train.quant. Registers are modelled as int32 words (CUDA's are uint32: after the
 0x03030303 mask the two agree, since no kept bit comes from the sign extension).
 """
 import torch
 
 from bitnet_train import quant
-from bitnet_train.packing import BLOCK_BYTES, BLOCK_VALUES, packed_row_bytes, padded_features
+from bitnet_train.ternary_layout import BLOCK_BYTES, BLOCK_VALUES, packed_row_bytes, padded_features
 
 CODE_MASK = 0x03030303  # the low two bits of each byte of a word
 WARP = 32

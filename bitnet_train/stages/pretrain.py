@@ -4,7 +4,7 @@ from datasets import DatasetDict
 
 from ..config import StageConfig
 from ..data.builtin_text import builtin_documents, split_every_nth
-from ..data.packing import pack_documents
+from ..data.token_blocks import pack_documents
 from ..data.sources import keep_valid_rows, load_splits, require_seq_len_fits
 from ..losses import next_token_loss_sum
 from ..trainer import LossOutput

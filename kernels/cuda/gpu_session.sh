@@ -75,7 +75,7 @@ if has qat; then  # one AdamW step of the 700m config, bf16 autocast, quantize=t
     timeout 300 $py - >"$out/qat.log" 2>&1 <<'PY'
 import statistics, time, torch
 from bitnet_train.model import BitNetTrainConfig, BitNetTrainForCausalLM
-from bitnet_train.modeling_utils import named_model_config
+from bitnet_train.model_factory import named_model_config
 vocab, batch, seq, reps = 128256, 8, 1024, 6
 base = named_model_config("700m", vocab).to_dict()
 ids = torch.randint(0, vocab, (batch, seq), device="cuda")

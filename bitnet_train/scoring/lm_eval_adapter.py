@@ -4,12 +4,12 @@ The adapter wraps the inference engine (bitnet_train.engine), so lm_eval scores 
 engine serves: packed ternary weights on the integer kernels. Install the harness with
 `pip install -e .[eval]`, then either
 
-    python -m bitnet_train.lm_eval_adapter --model bitnet-train \
+    python -m bitnet_train.scoring.lm_eval_adapter --model bitnet-train \
         --model_args pretrained=out/own,head_dtype=fp32 --tasks hellaswag
 
 (lm_eval's own command line, with this model type registered first), or from Python
 
-    import bitnet_train.lm_eval_adapter, lm_eval
+    import bitnet_train.scoring.lm_eval_adapter, lm_eval
     lm_eval.simple_evaluate(model="bitnet-train", model_args="pretrained=out/own", tasks=[...])
 
 Requests run one at a time (the engine's batch is one sequence), which keeps scoring exact and

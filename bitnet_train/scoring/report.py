@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..data.chat import encode_pairs
 from ..data.chat_tasks import preference_pair, task_examples
-from ..modeling_utils import load_checkpoint_model
+from ..model_factory import load_checkpoint_model
 from .preference import pair_logps, pairs_changed, preference_metrics, reward_metrics
 from .tasks import task_accuracy
 

@@ -13,19 +13,8 @@ import torch
 from transformers import AutoTokenizer
 
 from ..checkpoint import CheckpointError
+from ..engine import HEAD_DTYPES, Engine, Sampling, generate, perplexity, read_documents, token_blocks
 from ..kernels import cpu
-from .generate import Sampling, generate
-from .model import Engine
-from .perplexity import perplexity, read_documents, token_blocks
-from .weights import HEAD_DTYPES
-
-
-def set_cpu_threads(threads: int) -> None:
-    """Threads for torch's ops and for the compiled kernels (which keep their own setting)."""
-    torch.set_num_threads(threads)
-    if cpu._ext is not None:
-        cpu._ext.set_num_threads(threads)
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bitnet-train eval", description=__doc__,
@@ -54,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     if args.threads:
-        set_cpu_threads(args.threads)
+        cpu.set_num_threads(args.threads)
     try:
         engine = Engine.from_export(args.export_dir, args.head_dtype, args.device)
     except CheckpointError as e:  # names the file and what to do: no traceback needed
@@ -72,7 +61,7 @@ def main(argv: list[str]) -> None:
         new = generate(engine, ids, args.max_new_tokens, sampling, stop_ids=(tokenizer.eos_token_id,))
         print(f"generation: {prompt}{tokenizer.decode(new, skip_special_tokens=True)}")
     if args.tasks:
-        from ..evaluation.engine_model import evaluate_export
+        from .engine_scores import evaluate_export
 
         metrics = evaluate_export(args.export_dir, args.num_examples, engine=engine)
         print("tasks: " + json.dumps({k: round(v, 4) for k, v in metrics.items()}))

@@ -1,10 +1,10 @@
-"""bitnet_train.packing: the Hugging Face BitNet (dim-0) and base-3 (1.6-bit) layouts."""
+"""bitnet_train.ternary_layout: the Hugging Face BitNet (dim-0) and base-3 (1.6-bit) layouts."""
 import pytest
 import torch
 import torch._dynamo
 from transformers.integrations.bitnet import pack_weights, unpack_weights
 
-from bitnet_train.packing import (
+from bitnet_train.ternary_layout import (
     base3_row_bytes,
     pack_ternary_base3,
     pack_ternary_hf,

@@ -4,13 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitnet_train.cli import compose_config
+from bitnet_train.config import compose_config
 from bitnet_train.data.chat import generation_prompt
 from bitnet_train.data.chat_tasks import chat_messages, task_examples
 from bitnet_train.data.tokenizer import builtin_tokenizer
-from bitnet_train.evaluation import greedy_replies, pairs_changed, preference_metrics, reward_metrics
-from bitnet_train.evaluation.report import dpo_references, format_table, held_out_pairs
-from bitnet_train.modeling_utils import build_model
+from bitnet_train.scoring import greedy_replies, pairs_changed, preference_metrics, reward_metrics
+from bitnet_train.scoring.report import dpo_references, format_table, held_out_pairs
+from bitnet_train.model_factory import build_model
 
 
 def test_batched_greedy_replies_equal_one_prompt_at_a_time():

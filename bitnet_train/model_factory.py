@@ -11,7 +11,7 @@ from .model import BitNetTrainConfig, BitNetTrainForCausalLM
 
 log = logging.getLogger(__name__)
 
-MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "model"
+MODEL_CONFIGS = Path(__file__).resolve().parent / "configs" / "model"
 
 
 def model_config(cfg: ModelConfig, vocab_size: int, **special_token_ids) -> BitNetTrainConfig:
@@ -34,7 +34,7 @@ def model_config(cfg: ModelConfig, vocab_size: int, **special_token_ids) -> BitN
 
 
 def named_model_config(name: str, vocab_size: int) -> BitNetTrainConfig:
-    """A configs/model/NAME.yaml architecture (read with OmegaConf: Hydra's compose costs seconds)."""
+    """A bitnet_train/configs/model/NAME.yaml architecture (read with OmegaConf: Hydra's compose costs seconds)."""
     raw = OmegaConf.load(MODEL_CONFIGS / f"{name}.yaml")
     raw.pop("defaults", None)
     return model_config(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw)), vocab_size)

@@ -1,9 +1,9 @@
-"""bitnet_train.packing: the docs/formats.md packed ternary layout."""
+"""bitnet_train.ternary_layout: the docs/formats.md packed ternary layout."""
 import pytest
 import torch
 
 from bitnet_train import quant
-from bitnet_train.packing import pack_ternary, packed_row_bytes, unpack_ternary
+from bitnet_train.ternary_layout import pack_ternary, packed_row_bytes, unpack_ternary
 from conftest import random_codes
 
 SHAPES = [(1, 1), (3, 31), (2, 128), (5, 129), (4, 300), (7, 1000)]

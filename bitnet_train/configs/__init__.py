@@ -1,0 +1,1 @@
+"""Hydra config groups (model/, stage/, data/, ..., recipes/), found as pkg://bitnet_train.configs."""
