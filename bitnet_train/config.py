@@ -112,10 +112,14 @@ class StageConfig:
     # first stage); or a checkpoint directory (ours, or a transformers BitNet one).
     init_from: Optional[str] = None
     loss_reduction: str = "mean"  # mean | sum (SFT: sum, the report's choice)
-    dpo_beta: float = 0.1
-    # DPO only: weight of the chosen reply's NLL added to the sigmoid loss (RPO, TRL's rpo_alpha); 0 = plain DPO.
-    dpo_rpo_alpha: float = 0.0
     max_nonfinite_steps: int = 10
+
+
+@dataclass
+class DPOStageConfig(StageConfig):
+    beta: float = 0.1
+    # Weight of the chosen reply's NLL added to the sigmoid loss (RPO, TRL's rpo_alpha); 0 = plain DPO.
+    rpo_alpha: float = 0.0
 
 
 @dataclass
@@ -141,9 +145,10 @@ class RuntimeConfig:
 class RunConfig:
     model: ModelConfig = MISSING
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    pretrain: StageConfig = MISSING
-    sft: StageConfig = MISSING
-    dpo: StageConfig = MISSING
+    # Every training stage by name; `pipeline` runs some of them in order. A stage of a kind with
+    # knobs of its own holds that kind's subclass (DPOStageConfig), so a knob of another kind fails.
+    # Another stage: `+stage@stages.sft2=sft pipeline=[pretrain,sft,sft2]`.
+    stages: dict[str, StageConfig] = field(default_factory=dict)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     pipeline: list[str] = field(default_factory=lambda: ["pretrain"])
@@ -167,6 +172,7 @@ def register_configs() -> None:
         ("tokenizer", TokenizerConfig),
     ]:
         cs.store(group=group, name=f"base_{group}", node=node)
+    cs.store(group="stage", name="base_stage_dpo", node=DPOStageConfig)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

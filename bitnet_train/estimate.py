@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--tokens", type=float, default=4e12)
     parser.add_argument("--micro-batch", type=int, help="sequences per GPU (default: the recipe's)")
-    parser.add_argument("--seq-len", type=int, help="default: the recipe's pretrain.data.seq_len")
+    parser.add_argument("--seq-len", type=int, help="default: the recipe's stages.pretrain.data.seq_len")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     args = parser.parse_args(argv)
@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = compose_config([f"recipes={args.recipe}"])
     shape = ModelShape.from_config(cfg.model, args.vocab)
-    print(report(shape, args.gpus, args.gpus_per_node, args.micro_batch or cfg.pretrain.micro_batch_size,
-                 args.seq_len or cfg.pretrain.data.seq_len, args.tokens, args.days, args.gpu_memory_gb,
+    print(report(shape, args.gpus, args.gpus_per_node, args.micro_batch or cfg.stages["pretrain"].micro_batch_size,
+                 args.seq_len or cfg.stages["pretrain"].data.seq_len, args.tokens, args.days, args.gpu_memory_gb,
                  args.peak_tflops))
 
 

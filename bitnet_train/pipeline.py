@@ -27,7 +27,6 @@ from .trainer import RunContext, train
 
 log = logging.getLogger(__name__)
 
-STAGE_ENTRIES = ("pretrain", "sft", "dpo")
 # Steps after training, run on the main process: fn(cfg, outputs, tokenizer, run_dir, device) -> str
 # to print. `outputs` maps each finished stage to its final checkpoint.
 AFTER_TRAINING = {"report": write_report}
@@ -37,29 +36,30 @@ def validate_run(cfg: RunConfig) -> None:
     """Everything that can be checked before compute is spent."""
     for i, name in enumerate(cfg.pipeline):
         if name in AFTER_TRAINING:
-            if any(later in STAGE_ENTRIES for later in cfg.pipeline[i:]):
+            if any(later in cfg.stages for later in cfg.pipeline[i:]):
                 raise ValueError(f"pipeline entry {name!r} reads finished stages; put it after every training stage")
             continue
-        if name not in STAGE_ENTRIES:
+        if name not in cfg.stages:
             raise ValueError(
-                f"pipeline entry {name!r} is unknown; use some of {[*STAGE_ENTRIES, *AFTER_TRAINING]}"
+                f"pipeline entry {name!r} is unknown; use some of {[*cfg.stages, *AFTER_TRAINING]} "
+                f"(a new stage: +stage@stages.{name}=KIND)"
             )
-        stage = getattr(cfg, name)
+        stage = cfg.stages[name]
         if stage.kind not in STAGES:
-            raise ValueError(f"{name}.kind={stage.kind!r} is unknown; known: {sorted(STAGES)}")
+            raise ValueError(f"stages.{name}.kind={stage.kind!r} is unknown; known: {sorted(STAGES)}")
         validate_schedule(stage.schedule)
         if stage.precision not in ("fp32", "bf16"):
-            raise ValueError(f"{name}.precision={stage.precision!r}; use fp32 or bf16")
+            raise ValueError(f"stages.{name}.precision={stage.precision!r}; use fp32 or bf16")
         if stage.loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"{name}.loss_reduction={stage.loss_reduction!r}; use mean or sum")
+            raise ValueError(f"stages.{name}.loss_reduction={stage.loss_reduction!r}; use mean or sum")
         if stage.data.source == "files":
             check_files(stage.data)
-        check_wrong_reply_fraction(stage.data, name)
+        check_wrong_reply_fraction(stage.data, f"stages.{name}")
         if stage.init_from and not Path(stage.init_from).is_dir():
-            raise FileNotFoundError(f"{name}.init_from={stage.init_from} does not exist")
+            raise FileNotFoundError(f"stages.{name}.init_from={stage.init_from} does not exist")
         if stage.data.seq_len > cfg.model.max_position_embeddings:
             raise ValueError(
-                f"{name}.data.seq_len={stage.data.seq_len} exceeds model.max_position_embeddings="
+                f"stages.{name}.data.seq_len={stage.data.seq_len} exceeds model.max_position_embeddings="
                 f"{cfg.model.max_position_embeddings}"
             )
 
@@ -107,7 +107,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Path]:
                 print(AFTER_TRAINING[name](cfg, outputs, tokenizer, out, accelerator.device))
             accelerator.wait_for_everyone()
             continue
-        stage_cfg = getattr(cfg, name)
+        stage_cfg = cfg.stages[name]
         stage_dir = out / name
         if stage_done(stage_dir):
             log.info("stage %s already finished (%s); skipping", name, stage_dir / "final")

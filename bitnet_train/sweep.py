@@ -22,13 +22,10 @@ from .metrics import read_jsonl
 
 log = logging.getLogger(__name__)
 
-TRAINING_STAGES = ("pretrain", "sft", "dpo")
-
-
 @dataclass
 class RunResult:
     path: Path
-    config: dict  # flattened run_config.yaml: {"pretrain.schedule.lr_peak": 0.003, ...}
+    config: dict  # flattened run_config.yaml: {"stages.pretrain.schedule.lr_peak": 0.003, ...}
     stage: str | None  # the last training stage that logged anything
     steps: int = 0
     train_loss: float | None = None
@@ -64,7 +61,7 @@ def final_val_loss(run_dir: Path) -> float | None:
 def read_run(run_dir: Path) -> RunResult:
     config = yaml.safe_load((run_dir / "run_config.yaml").read_text())
     result = RunResult(run_dir, flatten(config), stage=None)
-    for stage in reversed([s for s in config.get("pipeline", []) if s in TRAINING_STAGES]):
+    for stage in reversed([s for s in config.get("pipeline", []) if s in config.get("stages", {})]):
         metrics = run_dir / stage / "metrics.jsonl"
         records = read_jsonl(metrics) if metrics.is_file() else []
         if not records:

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from .config import LoggingConfig, StageConfig
 from .data.stream import BatchStream
 from .metrics import MetricsLogger
 from .plot import plot_training
+from .preemption import StopFlag
 from .quant import BitLinear
 from .schedules import two_stage_lr, two_stage_wd, validate
 
@@ -104,26 +104,6 @@ def total_steps(cfg: StageConfig, stream: BatchStream) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
     return max(1, math.ceil(cfg.epochs * stream.steps_per_epoch))
-
-
-class StopFlag:
-    """SIGTERM/SIGINT (a scheduler's preemption notice) finish the step, save, then stop."""
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 def all_finite(model: torch.nn.Module) -> bool:

@@ -11,12 +11,12 @@ TINY = [
     "model.num_hidden_layers=2",
     "model.num_attention_heads=4",
     "model.num_key_value_heads=2",
-    "pretrain.data.seq_len=32",
-    "pretrain.micro_batch_size=8",
-    "pretrain.schedule.warmup_steps=2",
-    "pretrain.schedule.lr_peak=3e-3",
-    "pretrain.schedule.lr_stage2_peak=1.5e-3",
-    "pretrain.eval_batches=4",
+    "stages.pretrain.data.seq_len=32",
+    "stages.pretrain.micro_batch_size=8",
+    "stages.pretrain.schedule.warmup_steps=2",
+    "stages.pretrain.schedule.lr_peak=3e-3",
+    "stages.pretrain.schedule.lr_stage2_peak=1.5e-3",
+    "stages.pretrain.eval_batches=4",
 ]
 
 

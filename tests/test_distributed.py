@@ -28,15 +28,15 @@ from bitnet_train.pipeline import run_pipeline
 from conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ["pretrain.max_steps=4", "pretrain.save_every=2", "pretrain.eval_every=2", "pretrain.keep_checkpoints=5",
+STEPS = ["stages.pretrain.max_steps=4", "stages.pretrain.save_every=2", "stages.pretrain.eval_every=2", "stages.pretrain.keep_checkpoints=5",
          "logging.log_every=1"]
-SFT = ["sft.max_steps=2", "sft.micro_batch_size=4", "sft.data.num_train_examples=16", "sft.data.num_eval_examples=8",
-       "sft.eval_batches=2", "sft.eval_every=2", "sft.save_every=2", "sft.loss_reduction=sum"]
-DPO = ["dpo.max_steps=2", "dpo.micro_batch_size=2", "dpo.data.num_train_examples=8", "dpo.data.num_eval_examples=4",
-       "dpo.eval_batches=2", "dpo.eval_every=2", "dpo.save_every=2"]
+SFT = ["stages.sft.max_steps=2", "stages.sft.micro_batch_size=4", "stages.sft.data.num_train_examples=16", "stages.sft.data.num_eval_examples=8",
+       "stages.sft.eval_batches=2", "stages.sft.eval_every=2", "stages.sft.save_every=2", "stages.sft.loss_reduction=sum"]
+DPO = ["stages.dpo.max_steps=2", "stages.dpo.micro_batch_size=2", "stages.dpo.data.num_train_examples=8", "stages.dpo.data.num_eval_examples=4",
+       "stages.dpo.eval_batches=2", "stages.dpo.eval_every=2", "stages.dpo.save_every=2"]
 BASE = [*TINY, *STEPS, *SFT, *DPO]
-ONE_RANK = ["pretrain.grad_accum=2", "sft.grad_accum=2", "dpo.grad_accum=2"]  # global batch = micro x 2 x 1 rank
-TWO_RANKS = ["pretrain.grad_accum=1", "sft.grad_accum=1", "dpo.grad_accum=1"]  # global batch = micro x 1 x 2 ranks
+ONE_RANK = ["stages.pretrain.grad_accum=2", "stages.sft.grad_accum=2", "stages.dpo.grad_accum=2"]  # global batch = micro x 2 x 1 rank
+TWO_RANKS = ["stages.pretrain.grad_accum=1", "stages.sft.grad_accum=1", "stages.dpo.grad_accum=1"]  # global batch = micro x 1 x 2 ranks
 CHECKPOINT_2 = "pretrain/checkpoints/step_00000002"
 TOL = dict(rtol=1e-4, atol=1e-6)
 # Weights: AdamW divides by sqrt(v), so an entry whose gradient is ~eps (a rare token's embedding)
@@ -92,9 +92,9 @@ def runs(tmp_path_factory) -> Path:
     ])
     copy_checkpoint(r / "two", r / "two_then_one")
     run_one_rank([*BASE, *ONE_RANK, "pipeline=[pretrain]", f"output_dir={r / 'two_then_one'}"])
-    run_one_rank([*BASE, *ONE_RANK, "pipeline=[sft]", f"sft.init_from={r / 'two' / 'pretrain' / 'final'}",
+    run_one_rank([*BASE, *ONE_RANK, "pipeline=[sft]", f"stages.sft.init_from={r / 'two' / 'pretrain' / 'final'}",
                   f"output_dir={r / 'sft_one'}"])
-    run_one_rank([*BASE, *ONE_RANK, "pipeline=[dpo]", f"dpo.init_from={r / 'two' / 'sft' / 'final'}",
+    run_one_rank([*BASE, *ONE_RANK, "pipeline=[dpo]", f"stages.dpo.init_from={r / 'two' / 'sft' / 'final'}",
                   f"output_dir={r / 'dpo_one'}"])
     return tmp
 
@@ -168,8 +168,8 @@ def test_deepspeed_zero2_on_two_ranks_trains_like_one_rank_and_resumes(tmp_path)
     # flip a rounding and move the gradient norm by 1e-3 within 4 steps (seen here). The engine's
     # accumulation, scaling and clipping are what this test checks; they do not depend on it.
     fp = [*TINY, *STEPS, "pipeline=[pretrain]", "model.quantize=false"]
-    zero2 = [*fp, "pretrain.grad_accum=2"]
-    run_one_rank([*fp, "pretrain.grad_accum=4", f"output_dir={r / 'one'}"])
+    zero2 = [*fp, "stages.pretrain.grad_accum=2"]
+    run_one_rank([*fp, "stages.pretrain.grad_accum=4", f"output_dir={r / 'one'}"])
     launch_two_ranks(tmp_path, [[*zero2, f"output_dir={r / 'zero2'}"]], config="deepspeed_zero2", backend="gloo")
     shutil.copytree(r / "zero2" / CHECKPOINT_2, r / "zero2_resumed" / CHECKPOINT_2)
     (tmp_path / "audit").rename(tmp_path / "audit_first")

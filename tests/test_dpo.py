@@ -87,15 +87,15 @@ def tok():
 
 def test_reference_stays_frozen_while_the_policy_trains(tmp_path, tok):
     cfg = compose_config([
-        "logging=off", "logging.plot=false", "dpo.data.num_train_examples=8", "dpo.data.num_eval_examples=4",
-        "dpo.max_steps=3", "dpo.micro_batch_size=4", "dpo.schedule.lr_peak=1e-2", "dpo.schedule.warmup_steps=0",
+        "logging=off", "logging.plot=false", "stages.dpo.data.num_train_examples=8", "stages.dpo.data.num_eval_examples=4",
+        "stages.dpo.max_steps=3", "stages.dpo.micro_batch_size=4", "stages.dpo.schedule.lr_peak=1e-2", "stages.dpo.schedule.warmup_steps=0",
     ])
     torch.manual_seed(0)
     model = build_model(cfg.model, tok)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    stage = DPOStage(cfg.dpo, tok, seed=0, max_seq_len=256)
+    stage = DPOStage(cfg.stages["dpo"], tok, seed=0, max_seq_len=256)
     ctx = RunContext(tmp_path, Accelerator(cpu=True), cfg.logging, seed=0, run_name="t", run_config={}, tokenizer=tok)
-    train(stage, model, cfg.dpo, ctx)
+    train(stage, model, cfg.stages["dpo"], ctx)
 
     reference = stage.reference.state_dict()
     assert all(torch.equal(reference[k], start[k]) for k in start)
@@ -107,13 +107,13 @@ def test_reference_stays_frozen_while_the_policy_trains(tmp_path, tok):
 
 
 def dpo_stage(tok, *overrides):
-    cfg = compose_config(["dpo.data.num_train_examples=8", "dpo.data.num_eval_examples=4", *overrides])
-    return cfg, DPOStage(cfg.dpo, tok, seed=0, max_seq_len=256)
+    cfg = compose_config(["stages.dpo.data.num_train_examples=8", "stages.dpo.data.num_eval_examples=4", *overrides])
+    return cfg, DPOStage(cfg.stages["dpo"], tok, seed=0, max_seq_len=256)
 
 
 def test_rpo_alpha_adds_the_per_token_nll_of_each_chosen_reply(tok):
     cfg, plain = dpo_stage(tok)
-    _, rpo = dpo_stage(tok, "dpo.dpo_rpo_alpha=0.5")
+    _, rpo = dpo_stage(tok, "stages.dpo.rpo_alpha=0.5")
     torch.manual_seed(0)
     model = build_model(cfg.model, tok)
     for stage in (plain, rpo):
@@ -131,5 +131,5 @@ def test_rpo_alpha_adds_the_per_token_nll_of_each_chosen_reply(tok):
 
 
 def test_a_negative_rpo_alpha_is_refused(tok):
-    with pytest.raises(ValueError, match="dpo_rpo_alpha"):
-        dpo_stage(tok, "dpo.dpo_rpo_alpha=-1")
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        dpo_stage(tok, "stages.dpo.rpo_alpha=-1")

@@ -37,7 +37,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def trained_final(tmp_path_factory) -> Path:
     """The quickstart pipeline on the tiny test model (hidden 64: every K is padded to 128)."""
     out = tmp_path_factory.mktemp("run")
-    cfg = compose_config([*TINY, "pretrain.max_steps=40", "pretrain.eval_every=40", f"output_dir={out}"])
+    cfg = compose_config([*TINY, "stages.pretrain.max_steps=40", "stages.pretrain.eval_every=40", f"output_dir={out}"])
     return run_pipeline(cfg)["pretrain"]
 
 

@@ -125,12 +125,12 @@ def test_2b4t_recipe_plans_4t_tokens_at_4096():
     validate_run(cfg)
     assert (cfg.model.hidden_size, cfg.model.num_hidden_layers, cfg.model.num_key_value_heads) == (2560, 30, 5)
     assert cfg.tokenizer.name == "meta-llama/Meta-Llama-3-8B"
-    pre = cfg.pretrain
+    pre = cfg.stages["pretrain"]
     tokens_per_step = pre.micro_batch_size * pre.grad_accum * 256 * pre.data.seq_len  # as written: 256 GPUs
     assert pre.data.seq_len == 4096 and tokens_per_step == 4_194_304
     assert (pre.max_steps - 1) * tokens_per_step < 4e12 <= pre.max_steps * tokens_per_step
     assert pre.schedule.shape == "cosine" and pre.schedule.wd_shape == "cosine" and pre.schedule.wd_stage2 == 0.0
     assert pre.schedule.lr_stage2_peak < pre.schedule.lr_peak and 0 < pre.schedule.stage2_start < 1
-    assert cfg.sft.loss_reduction == "sum"
-    assert (cfg.dpo.dpo_beta, cfg.dpo.schedule.lr_peak, cfg.dpo.epochs) == (0.1, 2e-7, 2)
+    assert cfg.stages["sft"].loss_reduction == "sum"
+    assert (cfg.stages["dpo"].beta, cfg.stages["dpo"].schedule.lr_peak, cfg.stages["dpo"].epochs) == (0.1, 2e-7, 2)
     assert cfg.pipeline == ["pretrain", "sft", "dpo"]

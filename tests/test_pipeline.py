@@ -11,10 +11,10 @@ from bitnet_train.pipeline import run_pipeline, validate_run
 TINY = [
     # One thread: these tensors are too small to gain from two, and a shared CPU punishes oversubscription.
     "logging=off", "logging.plot=false", "logging.progress_bar=false", "runtime.num_threads=1",
-    "pretrain.max_steps=2", "pretrain.micro_batch_size=4", "pretrain.data.seq_len=32",
-    "pretrain.eval_batches=1",
-    "sft.max_steps=2", "sft.micro_batch_size=4", "sft.data.num_train_examples=8", "sft.data.num_eval_examples=5",
-    "dpo.max_steps=2", "dpo.micro_batch_size=4", "dpo.data.num_train_examples=8", "dpo.data.num_eval_examples=5",
+    "stages.pretrain.max_steps=2", "stages.pretrain.micro_batch_size=4", "stages.pretrain.data.seq_len=32",
+    "stages.pretrain.eval_batches=1",
+    "stages.sft.max_steps=2", "stages.sft.micro_batch_size=4", "stages.sft.data.num_train_examples=8", "stages.sft.data.num_eval_examples=5",
+    "stages.dpo.max_steps=2", "stages.dpo.micro_batch_size=4", "stages.dpo.data.num_train_examples=8", "stages.dpo.data.num_eval_examples=5",
 ]
 
 
@@ -55,7 +55,7 @@ def test_a_stage_starts_from_a_transformers_bitnet_checkpoint(tmp_path, monkeypa
     BitNetForCausalLM(config).save_pretrained(hf_dir)
 
     out = tmp_path / "run"
-    cfg = compose_config([*TINY, "pipeline=[sft]", f"sft.init_from={hf_dir}", f"output_dir={out}"])
+    cfg = compose_config([*TINY, "pipeline=[sft]", f"stages.sft.init_from={hf_dir}", f"output_dir={out}"])
     outputs = run_pipeline(cfg)
     verify_manifest(outputs["sft"])
     saved = json.loads((outputs["sft"] / "config.json").read_text())
@@ -68,6 +68,6 @@ def test_the_report_must_come_after_training():
 
 
 def test_a_wrong_reply_fraction_outside_0_1_fails_before_pretraining():
-    cfg = compose_config(["pipeline=[pretrain,sft]", "sft.data.wrong_reply_fraction=1.5", "output_dir=/tmp/unused"])
+    cfg = compose_config(["pipeline=[pretrain,sft]", "stages.sft.data.wrong_reply_fraction=1.5", "output_dir=/tmp/unused"])
     with pytest.raises(ValueError, match=r"sft\.data\.wrong_reply_fraction=1\.5 is not a share"):
         validate_run(cfg)

@@ -22,7 +22,7 @@ def losses(stage_dir: Path, key: str = "train/loss") -> list[tuple[int, float]]:
 
 
 def test_a_few_steps_lower_the_loss(tmp_path, tiny_overrides):
-    stage = pretrain(tmp_path, [*tiny_overrides, "pretrain.max_steps=30", "pretrain.eval_every=15",
+    stage = pretrain(tmp_path, [*tiny_overrides, "stages.pretrain.max_steps=30", "stages.pretrain.eval_every=15",
                                 "logging.log_every=5", "logging.plot=true"])
     train = [v for _, v in losses(stage)]
     val = [v for _, v in losses(stage, "val/loss")]
@@ -40,7 +40,7 @@ def test_weight_decay_reaches_bitlinear_weights_only(tmp_path, tiny_overrides):
     from bitnet_train.trainer import decay_mask_groups
 
     model = BitNetTrainForCausalLM.from_pretrained(
-        pretrain(tmp_path, [*tiny_overrides, "pretrain.max_steps=2", "pretrain.eval_every=2"]) / "final"
+        pretrain(tmp_path, [*tiny_overrides, "stages.pretrain.max_steps=2", "stages.pretrain.eval_every=2"]) / "final"
     )
     decay, no_decay = decay_mask_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -50,8 +50,8 @@ def test_weight_decay_reaches_bitlinear_weights_only(tmp_path, tiny_overrides):
 
 
 def test_resume_continues_the_loss_curve_exactly(tmp_path, tiny_overrides):
-    args = [*tiny_overrides, "pretrain.max_steps=12", "pretrain.save_every=4", "pretrain.eval_every=6",
-            "logging.log_every=1", "pretrain.keep_checkpoints=5"]
+    args = [*tiny_overrides, "stages.pretrain.max_steps=12", "stages.pretrain.save_every=4", "stages.pretrain.eval_every=6",
+            "logging.log_every=1", "stages.pretrain.keep_checkpoints=5"]
     whole = pretrain(tmp_path, args, "whole")
     interrupted = pretrain(tmp_path, args, "interrupted")
     # Pretend the run died after step 4's checkpoint: later checkpoints and the output are gone,
@@ -68,8 +68,8 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path, tiny_overrides):
 
 
 def test_checkpoint_holds_everything_needed_to_resume(tmp_path, tiny_overrides):
-    stage = pretrain(tmp_path, [*tiny_overrides, "pretrain.max_steps=4", "pretrain.save_every=2",
-                                "pretrain.keep_checkpoints=1", "pretrain.eval_every=4"])
+    stage = pretrain(tmp_path, [*tiny_overrides, "stages.pretrain.max_steps=4", "stages.pretrain.save_every=2",
+                                "stages.pretrain.keep_checkpoints=1", "stages.pretrain.eval_every=4"])
     kept = sorted(p.name for p in (stage / "checkpoints").iterdir())
     assert kept == ["step_00000004"]  # older ones rotated away
     ckpt = stage / "checkpoints" / kept[0]
@@ -80,7 +80,7 @@ def test_checkpoint_holds_everything_needed_to_resume(tmp_path, tiny_overrides):
 
 
 def test_rerunning_a_finished_run_skips_it(tmp_path, tiny_overrides):
-    args = [*tiny_overrides, "pretrain.max_steps=2", "pretrain.eval_every=2"]
+    args = [*tiny_overrides, "stages.pretrain.max_steps=2", "stages.pretrain.eval_every=2"]
     stage = pretrain(tmp_path, args)
     before = (stage / "final" / "model.safetensors").stat().st_mtime_ns
     pretrain(tmp_path, args)
@@ -88,14 +88,14 @@ def test_rerunning_a_finished_run_skips_it(tmp_path, tiny_overrides):
 
 
 def test_reusing_an_output_dir_with_another_config_fails(tmp_path, tiny_overrides):
-    pretrain(tmp_path, [*tiny_overrides, "pretrain.max_steps=2", "pretrain.eval_every=2"])
+    pretrain(tmp_path, [*tiny_overrides, "stages.pretrain.max_steps=2", "stages.pretrain.eval_every=2"])
     with pytest.raises(ValueError, match="different config"):
-        pretrain(tmp_path, [*tiny_overrides, "pretrain.max_steps=3", "pretrain.eval_every=2"])
+        pretrain(tmp_path, [*tiny_overrides, "stages.pretrain.max_steps=3", "stages.pretrain.eval_every=2"])
 
 
 def test_full_precision_baseline_trains_with_the_same_recipe(tmp_path, tiny_overrides):
-    stage = pretrain(tmp_path, [*tiny_overrides, "model.quantize=false", "pretrain.max_steps=10",
-                                "pretrain.eval_every=10", "logging.log_every=5"])
+    stage = pretrain(tmp_path, [*tiny_overrides, "model.quantize=false", "stages.pretrain.max_steps=10",
+                                "stages.pretrain.eval_every=10", "logging.log_every=5"])
     assert not BitNetTrainForCausalLM.from_pretrained(stage / "final").config.quantize
     train = [v for _, v in losses(stage)]
     assert train[-1] < train[0]
@@ -104,6 +104,6 @@ def test_full_precision_baseline_trains_with_the_same_recipe(tmp_path, tiny_over
 def test_wandb_offline_run_is_written(tmp_path, tiny_overrides, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     args = [a for a in tiny_overrides if not a.startswith("logging=")]
-    stage = pretrain(tmp_path, [*args, "logging.wandb=auto", "pretrain.max_steps=2", "pretrain.eval_every=2"])
+    stage = pretrain(tmp_path, [*args, "logging.wandb=auto", "stages.pretrain.max_steps=2", "stages.pretrain.eval_every=2"])
     runs = list((stage / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

@@ -27,8 +27,8 @@ STEPS = 24
 
 
 def run_args(tiny_overrides, save_every=3):
-    return [*tiny_overrides, f"pretrain.max_steps={STEPS}", f"pretrain.save_every={save_every}",
-            "pretrain.eval_every=8", "logging.log_every=1", "runtime.num_threads=1"]
+    return [*tiny_overrides, f"stages.pretrain.max_steps={STEPS}", f"stages.pretrain.save_every={save_every}",
+            "stages.pretrain.eval_every=8", "logging.log_every=1", "runtime.num_threads=1"]
 
 
 def curve(run_dir: Path) -> list:
@@ -125,7 +125,7 @@ def truncate(path: Path) -> None:
 def test_bad_latest_checkpoint_is_named_and_the_previous_one_used(
     tmp_path, tiny_overrides, uninterrupted, caplog, damage
 ):
-    cfg = compose_config([*run_args(tiny_overrides), f"output_dir={tmp_path / 'run'}", "pretrain.keep_checkpoints=3"])
+    cfg = compose_config([*run_args(tiny_overrides), f"output_dir={tmp_path / 'run'}", "stages.pretrain.keep_checkpoints=3"])
     stage = run_pipeline(cfg)["pretrain"].parent
     import shutil
 
@@ -139,7 +139,7 @@ def test_bad_latest_checkpoint_is_named_and_the_previous_one_used(
 
 
 def test_every_checkpoint_bad_stops_with_instructions(tmp_path, tiny_overrides):
-    cfg = compose_config([*run_args(tiny_overrides), f"output_dir={tmp_path / 'run'}", "pretrain.keep_checkpoints=2"])
+    cfg = compose_config([*run_args(tiny_overrides), f"output_dir={tmp_path / 'run'}", "stages.pretrain.keep_checkpoints=2"])
     stage = run_pipeline(cfg)["pretrain"].parent
     import shutil
 
@@ -183,7 +183,7 @@ def poison(monkeypatch, bad_steps):
 
 def test_nonfinite_steps_are_skipped(tmp_path, tiny_overrides, monkeypatch):
     poison(monkeypatch, {3, 5})
-    cfg = compose_config([*run_args(tiny_overrides), "pretrain.max_steps=8", f"output_dir={tmp_path / 'run'}"])
+    cfg = compose_config([*run_args(tiny_overrides), "stages.pretrain.max_steps=8", f"output_dir={tmp_path / 'run'}"])
     run_pipeline(cfg)
     records = read_jsonl(tmp_path / "run" / "pretrain" / "metrics.jsonl")
     losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
@@ -194,7 +194,7 @@ def test_nonfinite_steps_are_skipped(tmp_path, tiny_overrides, monkeypatch):
 
 def test_too_many_nonfinite_steps_stop_with_a_checkpoint(tmp_path, tiny_overrides, monkeypatch):
     poison(monkeypatch, {2, 3, 4})
-    cfg = compose_config([*run_args(tiny_overrides), "pretrain.max_nonfinite_steps=2",
+    cfg = compose_config([*run_args(tiny_overrides), "stages.pretrain.max_nonfinite_steps=2",
                           f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(TrainingStopped, match="3 non-finite steps") as stopped:
         run_pipeline(cfg)
@@ -214,7 +214,7 @@ def test_disk_full_while_saving_keeps_the_older_checkpoints(tmp_path, tiny_overr
         real_save(model, path)
 
     monkeypatch.setattr(checkpoint_module, "save_model", save_then_fill_the_disk)
-    cfg = compose_config([*run_args(tiny_overrides), "pretrain.max_steps=6", f"output_dir={tmp_path / 'run'}"])
+    cfg = compose_config([*run_args(tiny_overrides), "stages.pretrain.max_steps=6", f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(CheckpointError, match="no disk space left .* run the same command again"):
         run_pipeline(cfg)
     ckpts = tmp_path / "run" / "pretrain" / "checkpoints"
@@ -223,8 +223,8 @@ def test_disk_full_while_saving_keeps_the_older_checkpoints(tmp_path, tiny_overr
 
 
 def test_missing_data_file_fails_before_compute(tmp_path, tiny_overrides):
-    cfg = compose_config([*tiny_overrides, "pretrain.data.source=files",
-                          f"pretrain.data.files=[{tmp_path}/nope.txt]", f"output_dir={tmp_path / 'run'}"])
+    cfg = compose_config([*tiny_overrides, "stages.pretrain.data.source=files",
+                          f"stages.pretrain.data.files=[{tmp_path}/nope.txt]", f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(DataError, match=r"nope.txt does not exist"):
         run_pipeline(cfg)
     assert not (tmp_path / "run" / "pretrain").exists()
@@ -232,8 +232,8 @@ def test_missing_data_file_fails_before_compute(tmp_path, tiny_overrides):
 
 def test_empty_data_file_fails(tmp_path, tiny_overrides):
     (tmp_path / "empty.txt").write_text("")
-    cfg = compose_config([*tiny_overrides, "pretrain.data.source=files",
-                          f"pretrain.data.files=[{tmp_path}/empty.txt]", f"output_dir={tmp_path / 'run'}"])
+    cfg = compose_config([*tiny_overrides, "stages.pretrain.data.source=files",
+                          f"stages.pretrain.data.files=[{tmp_path}/empty.txt]", f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(DataError, match="empty.txt is empty"):
         run_pipeline(cfg)
     assert not (tmp_path / "run").exists()
@@ -249,9 +249,9 @@ def write_rows(path: Path, good: int, bad: int) -> None:
 
 def test_rows_without_the_field_are_counted_and_skipped(tmp_path, tiny_overrides, caplog):
     write_rows(tmp_path / "rows.jsonl", good=199, bad=1)
-    cfg = compose_config([*tiny_overrides, "pretrain.data.source=files", "pretrain.max_steps=1",
-                          "pretrain.eval_every=1", "pretrain.data.max_bad_row_fraction=0.01",
-                          f"pretrain.data.files=[{tmp_path}/rows.jsonl]", f"output_dir={tmp_path / 'run'}"])
+    cfg = compose_config([*tiny_overrides, "stages.pretrain.data.source=files", "stages.pretrain.max_steps=1",
+                          "stages.pretrain.eval_every=1", "stages.pretrain.data.max_bad_row_fraction=0.01",
+                          f"stages.pretrain.data.files=[{tmp_path}/rows.jsonl]", f"output_dir={tmp_path / 'run'}"])
     with caplog.at_level("WARNING"):
         run_pipeline(cfg)
     assert re.search(r"1 of \d+ rows .* lack a non-empty text field 'text'; skipped", caplog.text)
@@ -259,8 +259,8 @@ def test_rows_without_the_field_are_counted_and_skipped(tmp_path, tiny_overrides
 
 def test_too_many_bad_rows_fail(tmp_path, tiny_overrides):
     write_rows(tmp_path / "rows.jsonl", good=150, bad=50)
-    cfg = compose_config([*tiny_overrides, "pretrain.data.source=files",
-                          f"pretrain.data.files=[{tmp_path}/rows.jsonl]", f"output_dir={tmp_path / 'run'}"])
+    cfg = compose_config([*tiny_overrides, "stages.pretrain.data.source=files",
+                          f"stages.pretrain.data.files=[{tmp_path}/rows.jsonl]", f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(DataError, match="above data.max_bad_row_fraction"):
         run_pipeline(cfg)
 

@@ -52,7 +52,7 @@ def test_pairs_fixed_and_broken_against_the_reference_by_hand():
 
 def test_report_pairs_are_labelled_with_their_own_task():
     tok = builtin_tokenizer(4096)
-    cfg = compose_config(["dpo.data.num_eval_examples=10"])
+    cfg = compose_config(["stages.dpo.data.num_eval_examples=10"])
     examples = task_examples(10, held_out=True, seed=cfg.seed)
     pairs, tasks = held_out_pairs(cfg, tok)
     assert len(pairs) == len(tasks) == 10 and len(set(tasks)) == 5
@@ -65,7 +65,7 @@ def test_the_dpo_reference_is_the_checkpoint_the_stage_started_from():
     outputs = {"pretrain": Path("p"), "sft": Path("s"), "dpo": Path("d")}
     cfg = compose_config([])
     assert dpo_references(cfg, outputs) == {"dpo": Path("s")}
-    cfg = compose_config(["dpo.init_from=/elsewhere"])
+    cfg = compose_config(["stages.dpo.init_from=/elsewhere"])
     assert dpo_references(cfg, outputs) == {"dpo": Path("/elsewhere")}
 
 

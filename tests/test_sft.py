@@ -13,7 +13,7 @@ from bitnet_train.model_factory import build_model
 from bitnet_train.stages.sft import SFTStage
 from bitnet_train.trainer import RunContext, train
 
-TINY = ["logging=off", "sft.data.num_train_examples=8", "sft.data.num_eval_examples=4", "sft.max_steps=1"]
+TINY = ["logging=off", "stages.sft.data.num_train_examples=8", "stages.sft.data.num_eval_examples=4", "stages.sft.max_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +52,13 @@ def first_step_grads(monkeypatch, tmp_path, stage, model, cfg) -> list[torch.Ten
     ctx = RunContext(tmp_path, Accelerator(cpu=True), cfg.logging, seed=0, run_name="t", run_config={},
                      tokenizer=None)
     with pytest.raises(Captured):
-        train(stage, model, cfg.sft, ctx)
+        train(stage, model, cfg.stages["sft"], ctx)
     return grads
 
 
 def test_loss_is_summed_over_assistant_tokens_only(tok):
     cfg = sft_config()
-    stage = SFTStage(cfg.sft, tok, seed=0, max_seq_len=256)
+    stage = SFTStage(cfg.stages["sft"], tok, seed=0, max_seq_len=256)
     batch = stage.batch("train", torch.arange(2))
     out = stage.loss(UniformLM(len(tok)), batch)
     assistant_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -71,9 +71,9 @@ def test_loss_is_summed_over_assistant_tokens_only(tok):
 def test_reduction_gives_the_documented_gradient(monkeypatch, tmp_path, tok, reduction):
     # For logits = b = 0, d(-log softmax(b)[y]) / db = 1/V - onehot(y). Summed over the N assistant
     # tokens of the global batch: N/V - counts. `mean` divides that by N, `sum` does not.
-    cfg = sft_config("sft.micro_batch_size=2", "sft.grad_accum=2", f"sft.loss_reduction={reduction}",
-                     "sft.data.num_train_examples=4", "sft.optim.grad_clip=1e9")
-    stage = SFTStage(cfg.sft, tok, seed=0, max_seq_len=256)
+    cfg = sft_config("stages.sft.micro_batch_size=2", "stages.sft.grad_accum=2", f"stages.sft.loss_reduction={reduction}",
+                     "stages.sft.data.num_train_examples=4", "stages.sft.optim.grad_clip=1e9")
+    stage = SFTStage(cfg.stages["sft"], tok, seed=0, max_seq_len=256)
     model = UniformLM(len(tok))
     (grad,) = first_step_grads(monkeypatch, tmp_path, stage, model, cfg)
     targets = stage.batch("train", torch.arange(4))["labels"][:, 1:]  # one global batch = the 4 examples
@@ -87,11 +87,11 @@ def test_reduction_gives_the_documented_gradient(monkeypatch, tmp_path, tok, red
 def test_sum_gradient_is_the_same_for_1x4_micro_batches_and_1x1(monkeypatch, tmp_path, tok):
     grads = {}
     for micro, accum in [(1, 4), (4, 1)]:
-        cfg = sft_config(f"sft.micro_batch_size={micro}", f"sft.grad_accum={accum}", "sft.loss_reduction=sum",
-                         "sft.data.num_train_examples=4", "sft.optim.grad_clip=1e9")
+        cfg = sft_config(f"stages.sft.micro_batch_size={micro}", f"stages.sft.grad_accum={accum}", "stages.sft.loss_reduction=sum",
+                         "stages.sft.data.num_train_examples=4", "stages.sft.optim.grad_clip=1e9")
         torch.manual_seed(0)
         model = build_model(cfg.model, tok)
-        stage = SFTStage(cfg.sft, tok, seed=0, max_seq_len=256)
+        stage = SFTStage(cfg.stages["sft"], tok, seed=0, max_seq_len=256)
         grads[micro, accum] = first_step_grads(monkeypatch, tmp_path / f"{micro}x{accum}", stage, model, cfg)
     for a, b in zip(grads[1, 4], grads[4, 1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

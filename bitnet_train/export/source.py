@@ -18,10 +18,10 @@ from ..checkpoint import MANIFEST, CheckpointError, verify_manifest
 from ..model_factory import load_checkpoint_model
 from ..model import BitNetTrainConfig, BitNetTrainForCausalLM
 from ..quant import BitLinear, ternarize
+from .own_format import PACKED_FORMAT
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
-PACKED_FORMAT = "bitnet-train-packed"  # the safetensors metadata of our own format (own_format.py)
 
 
 @dataclass(frozen=True)

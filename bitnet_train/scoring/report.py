@@ -30,7 +30,7 @@ def dpo_references(cfg: RunConfig, outputs: dict[str, Path]) -> dict[str, Path]:
     """Each DPO entry's frozen reference: the checkpoint it started from (as pipeline.py picks it)."""
     references, previous = {}, None
     for name, path in outputs.items():
-        stage = getattr(cfg, name)
+        stage = cfg.stages[name]
         start = Path(stage.init_from) if stage.init_from else previous
         if stage.kind == "dpo" and start is not None:
             references[name] = start
@@ -41,18 +41,18 @@ def dpo_references(cfg: RunConfig, outputs: dict[str, Path]) -> dict[str, Path]:
 def held_out_pairs(cfg: RunConfig, tokenizer) -> tuple[list, list[str]]:
     """The report's preference pairs and each one's task (encoded task by task, so a pair dropped
     for length cannot shift the labels of the rest)."""
-    examples = task_examples(cfg.dpo.data.num_eval_examples, held_out=True, seed=cfg.seed)
+    examples = task_examples(cfg.stages["dpo"].data.num_eval_examples, held_out=True, seed=cfg.seed)
     pairs, tasks = [], []
     for task in sorted({ex.task for ex in examples}):
         triples = [preference_pair(ex) for ex in examples if ex.task == task]
-        encoded = encode_pairs(tokenizer, triples, cfg.dpo.data.seq_len, f"report preference pairs ({task})")
+        encoded = encode_pairs(tokenizer, triples, cfg.stages["dpo"].data.seq_len, f"report preference pairs ({task})")
         pairs += encoded
         tasks += [task] * len(encoded)
     return pairs, tasks
 
 
 def evaluate_stages(cfg: RunConfig, outputs: dict[str, Path], tokenizer, device="cpu") -> dict[str, dict]:
-    tasks = task_examples(cfg.sft.data.num_eval_examples, held_out=True, seed=cfg.seed)
+    tasks = task_examples(cfg.stages["sft"].data.num_eval_examples, held_out=True, seed=cfg.seed)
     pairs, pair_tasks = held_out_pairs(cfg, tokenizer)
     logps, results = {}, {}
 
@@ -68,7 +68,7 @@ def evaluate_stages(cfg: RunConfig, outputs: dict[str, Path], tokenizer, device=
         if ref not in row_of:  # a DPO stage that started from a checkpoint outside this pipeline
             row_of[ref] = f"{name} reference"
             results[row_of[ref]] = measure(ref)
-        beta = getattr(cfg, name).dpo_beta
+        beta = cfg.stages[name].beta
         results[row_of[ref]].update(reward_metrics(logps[ref], logps[ref], beta))
         results[name].update(reward_metrics(logps[outputs[name]], logps[ref], beta))
         results[name].update(pairs_changed(logps[outputs[name]], logps[ref]), reference=row_of[ref])
