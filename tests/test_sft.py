@@ -102,4 +102,4 @@ def test_sft_refuses_a_tokenizer_without_chat_template(tok):
     bare = tok.__class__.from_pretrained(tok.name_or_path)
     bare.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
-        SFTStage(sft_config().sft, bare, seed=0, max_seq_len=256)
+        SFTStage(sft_config().stages["sft"], bare, seed=0, max_seq_len=256)

@@ -7,7 +7,7 @@ AVX2 the extension runs its portable scalar path. The reference is also what tes
 
 Shapes: x (M, K) float; a (M, Kpad) int8 with Kpad = ceil(K / 128) * 128 (zero padded);
 qweight (N, Kpad / 4) uint8 in the docs/formats.md layout; qscale the weight multiplier s_w
-(W_q = t / s_w), a float or a one-element tensor.
+(W_q = t / s_w), a float, a one-element tensor or one per output row (N,).
 """
 import warnings
 
@@ -25,6 +25,9 @@ except ImportError as err:  # built without a compiler: the package installs any
     _EXT_ERROR = err
 
 _warned = False
+
+ROW_GROUP = 4  # weight rows a GEMV tile reads as one stream (kStreamGroup in kernels/cpu)
+INT4_GROUP = 128  # values per scale of the 4-bit layout (kInt4Group)
 
 
 def _native():
@@ -100,21 +103,33 @@ def ternary_matmul_int(a: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(ext.ternary_gemm_int(a.numpy(), qweight.numpy()))
 
 
-def bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_features: int) -> torch.Tensor:
+def bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_features: int, rows: int = 0) -> torch.Tensor:
     """BitLinear's inference forward, float32 (..., N), for x (..., in_features).
 
     Equals F.linear(quant.quantize_activation(x), quant.quantize_weight(W)) up to float32
     rounding, for qweight = ternary_layout.pack_ternary(codes) and qscale = s of quant.ternarize(W).
+    qscale may also hold one s_w per output row (N,). With rows = N, qweight is group_rows' layout.
     """
     lead = x.shape[:-1]
     x2d = _cpu(x, "x").float().reshape(-1, x.shape[-1])
     qweight = _cpu(qweight, "qweight")
+    scales = torch.as_tensor(qscale, dtype=torch.float32).reshape(-1).contiguous()
     ext = _native()
     if ext is None:
-        y = reference_bitlinear(x2d, qweight, qscale, in_features)
+        y = reference_bitlinear(x2d, ungroup_rows(qweight, rows) if rows else qweight, scales, in_features)
     else:
-        y = torch.from_numpy(ext.bitlinear_forward(x2d.numpy(), qweight.numpy(), float(qscale), in_features))
-    return y.reshape(*lead, qweight.shape[0])
+        y = torch.from_numpy(ext.bitlinear_forward(x2d.numpy(), qweight.numpy(), scales.numpy(), in_features, rows))
+    return y.reshape(*lead, y.shape[-1])
+
+
+def group_rows(qweight: torch.Tensor) -> torch.Tensor:
+    """A packed weight (N, Kpad/4) in the streaming layout (ceil(N/4), Kpad): rows interleaved 4 at a time,
+    block by block (kernels/cpu/ternary_kernels.h), so a GEMV tile reads one sequential stream."""
+    qweight = _cpu(qweight, "qweight")
+    ext = _native()
+    if ext is None:
+        return reference_group_rows(qweight)
+    return torch.from_numpy(ext.group_rows(qweight.numpy()))
 
 
 def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -128,6 +143,46 @@ def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if ext is None:
         return reference_int8_weight_linear(x, weight, scale)
     return torch.from_numpy(ext.int8_weight_linear(x.numpy(), weight.numpy(), scale.numpy()))
+
+
+def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight (N, K) as 4-bit codes with one scale per 128 values (kernels/cpu/int4_weights.h):
+    uint8 (ceil(N/4), G, 4, 64) and float32 scales (ceil(N/4), G, 4), G = ceil(K / 128).
+
+    Per group, llama.cpp Q4_0's rule: the value of largest magnitude m maps to code -8, scale m / -8,
+    the others round to the nearest of -8 .. 7 times that scale; an all-zero group gets scale 0.
+    """
+    w = _cpu(weight, "weight").float()
+    n, k = w.shape
+    w = F.pad(w, (0, ternary_layout.padded_features(k) - k, 0, -n % ROW_GROUP))
+    groups = w.view(w.shape[0], -1, INT4_GROUP)
+    peak = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))
+    scale = peak / -8.0
+    codes = torch.where(scale == 0, 0.0, groups / scale).round().clamp(-8, 7).to(torch.uint8) + 8
+    nibbles = codes[..., :INT4_GROUP // 2] | codes[..., INT4_GROUP // 2:] << 4
+    tiles = w.shape[0] // ROW_GROUP
+    packed = nibbles.view(tiles, ROW_GROUP, -1, INT4_GROUP // 2).transpose(1, 2).contiguous()
+    return packed, scale.view(tiles, ROW_GROUP, -1).transpose(1, 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, scales: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_int4's codes q (rows, G * 128) int8 in -8 .. 7 and scales (rows, G)."""
+    u = torch.cat([packed & 15, packed >> 4], dim=-1)  # (tiles, G, 4, 128): values j and 64 + j
+    q = u.transpose(1, 2).reshape(-1, u.shape[1] * INT4_GROUP)[:rows].to(torch.int8) - 8
+    return q, scales.transpose(1, 2).reshape(-1, scales.shape[1])[:rows]
+
+
+def int4_weight_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, rows: int) -> torch.Tensor:
+    """float32 (M, rows) ~ x (M, K) @ W^T for W stored by pack_int4: the 4-bit LM head.
+
+    x is quantized to int8 per token (quantize_activations), each group's product is exact integer
+    arithmetic, and the groups are summed in float32, as reference_int4_weight_linear computes it.
+    """
+    x, packed, scales = _cpu(x, "x").float(), _cpu(packed, "packed"), _cpu(scales, "scales").float()
+    ext = _native()
+    if ext is None:
+        return reference_int4_weight_linear(x, packed, scales, rows)
+    return torch.from_numpy(ext.int4_weight_linear(x.numpy(), packed.numpy(), scales.numpy(), rows))
 
 
 def native_decoder(hidden: int, intermediate: int, heads: int, kv_heads: int, eps: float,
@@ -165,12 +220,38 @@ def reference_matmul_int(a: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor
 
 
 def reference_bitlinear(x: torch.Tensor, qweight: torch.Tensor, qscale, in_features: int) -> torch.Tensor:
-    """y = dot(t, a) / (s_w * s_a) in float32, each operation rounded once, like the kernels."""
+    """y = dot(t, a) / (s_w * s_a) in float32, each operation rounded once, like the kernels; s_w is one
+    value or one per row."""
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, in_features is {in_features}")
     a, s = reference_quantize_activations(x)
-    w_scale = torch.as_tensor(qscale, dtype=torch.float32).reshape(())
+    w_scale = torch.as_tensor(qscale, dtype=torch.float32).reshape(-1)
     return reference_matmul_int(a, qweight).float() / (w_scale * s[:, None])
+
+
+def reference_group_rows(qweight: torch.Tensor) -> torch.Tensor:
+    """group_rows in torch: rows padded with zero bytes to a multiple of 4, then (row group, block, row)."""
+    n, row_bytes = qweight.shape
+    padded = F.pad(qweight, (0, 0, 0, -n % ROW_GROUP))
+    blocks = padded.view(-1, ROW_GROUP, row_bytes // ternary_layout.BLOCK_BYTES, ternary_layout.BLOCK_BYTES)
+    return blocks.transpose(1, 2).reshape(-1, ROW_GROUP * row_bytes)
+
+
+def ungroup_rows(grouped: torch.Tensor, rows: int) -> torch.Tensor:
+    """The row-major packed weight (rows, Kpad/4) of group_rows' output."""
+    row_bytes = grouped.shape[1] // ROW_GROUP
+    blocks = grouped.view(-1, row_bytes // ternary_layout.BLOCK_BYTES, ROW_GROUP, ternary_layout.BLOCK_BYTES)
+    return blocks.transpose(1, 2).reshape(-1, row_bytes)[:rows]
+
+
+def reference_int4_weight_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                                 rows: int) -> torch.Tensor:
+    """sum_g scale_g * dot(q_g, a_g) / s_a with exact integer group dots (int64) and float64 sums."""
+    a, s = reference_quantize_activations(x)
+    q, group_scales = unpack_int4(packed, scales, rows)
+    dots = torch.einsum("mgc,ngc->mng", a.view(len(a), -1, INT4_GROUP).to(torch.int64),
+                        q.view(rows, -1, INT4_GROUP).to(torch.int64))
+    return ((dots.double() * group_scales.double()).sum(-1) / s.double()[:, None]).float()
 
 
 def reference_int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,11 @@
 #include <cmath>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "decoder.h"
+#include "int4_weights.h"
 #include "int8_weights.h"
 #include "ternary_kernels.h"
 #include "thread_pool.h"
@@ -67,6 +69,23 @@ void check_weight(const py::array& w, int64_t k_padded, const std::string& fn) {
   }
 }
 
+// Rows and row group of a packed ternary weight: with rows > 0, group_rows' output for that many
+// rows; else the row-major docs/formats.md layout.
+std::pair<int64_t, int64_t> ternary_weight(const py::array& w, int64_t k_padded, int64_t rows, const std::string& fn) {
+  if (rows <= 0) {
+    check_weight(w, k_padded, fn);
+    return {w.shape(0), 1};
+  }
+  const int64_t group = bitnet::kStreamGroup;
+  if (w.shape(0) != (rows + group - 1) / group || w.shape(1) != group * k_padded / 4) {
+    throw py::value_error(fn + ": grouped qweight of " + std::to_string(rows) + " rows must be (" +
+                          std::to_string((rows + group - 1) / group) + ", " + std::to_string(group * k_padded / 4) +
+                          "), got (" + std::to_string(w.shape(0)) + ", " + std::to_string(w.shape(1)) +
+                          "); make it with group_rows");
+  }
+  return {rows, group};
+}
+
 py::tuple quantize_activations(const py::handle& x_obj) {
   const py::array x = require<float>(x_obj, "quantize_activations: x", 2);
   const int64_t m = x.shape(0), k = x.shape(1);
@@ -90,19 +109,7 @@ py::array_t<int32_t> ternary_gemm_int(const py::handle& a_obj, const py::handle&
     throw py::value_error("ternary_gemm_int: a has " + std::to_string(k_padded) +
                           " columns; pad activations to a multiple of 128 (quantize_activations does)");
   }
-  // rows given: qweight is group_rows' output for that many rows; else the row-major layout.
-  const int64_t group = rows > 0 ? bitnet::kStreamGroup : 1;
-  const int64_t n = rows > 0 ? rows : w.shape(0);
-  if (rows > 0) {
-    if (w.shape(0) != (n + group - 1) / group || w.shape(1) != group * k_padded / 4) {
-      throw py::value_error("ternary_gemm_int: grouped qweight of " + std::to_string(n) + " rows must be (" +
-                            std::to_string((n + group - 1) / group) + ", " + std::to_string(group * k_padded / 4) +
-                            "), got (" + std::to_string(w.shape(0)) + ", " + std::to_string(w.shape(1)) +
-                            "); make it with group_rows");
-    }
-  } else {
-    check_weight(w, k_padded, "ternary_gemm_int");
-  }
+  const auto [n, group] = ternary_weight(w, k_padded, rows, "ternary_gemm_int");
   const bitnet::TernaryGemm g{data<int8_t>(a), data<uint8_t>(w), a.shape(0), n, k_padded, group};
   py::array_t<int32_t> out({g.m, g.n});
   const Settings s = settings();
@@ -121,30 +128,40 @@ py::array_t<uint8_t> group_rows(const py::handle& w_obj) {
   return out;
 }
 
-py::array_t<float> bitlinear_forward(const py::handle& x_obj, const py::handle& w_obj, float qscale,
-                                     int64_t in_features) {
+py::array_t<float> bitlinear_forward(const py::handle& x_obj, const py::handle& w_obj, const py::handle& scales_obj,
+                                     int64_t in_features, int64_t rows) {
   const py::array x = require<float>(x_obj, "bitlinear_forward: x", 2);
   const py::array w = require<uint8_t>(w_obj, "bitlinear_forward: qweight", 2);
+  const py::array scales = require<float>(scales_obj, "bitlinear_forward: qscale", 1);
   const int64_t m = x.shape(0), k = x.shape(1);
   if (in_features < 1 || k != in_features) {
     throw py::value_error("bitlinear_forward: x has " + std::to_string(k) + " features, in_features is " +
                           std::to_string(in_features));
   }
-  if (!(qscale > 0.0f) || !std::isfinite(qscale)) {
-    throw py::value_error("bitlinear_forward: qscale must be the positive multiplier s = 1 / mean|W|, got " +
-                          std::to_string(qscale));
-  }
   const int64_t k_padded = bitnet::padded_features(k);
-  check_weight(w, k_padded, "bitlinear_forward");
-  py::array_t<float> out({m, static_cast<int64_t>(w.shape(0))});
+  const auto [n, group] = ternary_weight(w, k_padded, rows, "bitlinear_forward");
+  if (scales.shape(0) != 1 && scales.shape(0) != n) {
+    throw py::value_error("bitlinear_forward: qscale needs one value (s_w of the whole weight) or one per row (" +
+                          std::to_string(n) + "), got " + std::to_string(scales.shape(0)));
+  }
+  for (int64_t j = 0; j < scales.shape(0); ++j) {
+    const float s_w = data<float>(scales)[j];
+    if (!(s_w > 0.0f) || !std::isfinite(s_w)) {
+      throw py::value_error("bitlinear_forward: qscale must hold positive multipliers s = 1 / mean|W|, got " +
+                            std::to_string(s_w) + " at " + std::to_string(j));
+    }
+  }
+  py::array_t<float> out({m, n});
   const Settings s = settings();
   {
     py::gil_scoped_release nogil;
     std::vector<int8_t> q(m * k_padded);
     std::vector<float> a_scales(m);
-    const std::vector<float> w_scales(w.shape(0), qscale);
+    const std::vector<float> w_scales = scales.shape(0) == n
+        ? std::vector<float>(data<float>(scales), data<float>(scales) + n)
+        : std::vector<float>(n, data<float>(scales)[0]);
     bitnet::quantize_rows(s.isa, data<float>(x), m, k, k_padded, q.data(), a_scales.data(), s.threads);
-    const bitnet::TernaryGemm g{q.data(), data<uint8_t>(w), m, w.shape(0), k_padded};
+    const bitnet::TernaryGemm g{q.data(), data<uint8_t>(w), m, n, k_padded, group};
     bitnet::gemm_rescaled(s.isa, g, a_scales.data(), w_scales.data(), out.mutable_data(), s.threads);
   }
   return out;
@@ -165,6 +182,32 @@ py::array_t<float> int8_weight_linear(const py::handle& x_obj, const py::handle&
   {
     py::gil_scoped_release nogil;
     bitnet::int8_weight_gemm(s.isa, data<float>(x), m, k, data<int8_t>(w), n, data<float>(scales),
+                             out.mutable_data(), s.threads);
+  }
+  return out;
+}
+
+py::array_t<float> int4_weight_linear(const py::handle& x_obj, const py::handle& w_obj, const py::handle& scales_obj,
+                                      int64_t rows) {
+  const py::array x = require<float>(x_obj, "int4_weight_linear: x", 2);
+  const py::array w = require<uint8_t>(w_obj, "int4_weight_linear: weight", 4);
+  const py::array scales = require<float>(scales_obj, "int4_weight_linear: scales", 3);
+  const int64_t m = x.shape(0), k = x.shape(1), groups = bitnet::padded_features(k) / bitnet::kInt4Group;
+  const int64_t tiles = (rows + bitnet::kStreamGroup - 1) / bitnet::kStreamGroup;
+  const std::vector<int64_t> w_shape{tiles, groups, bitnet::kStreamGroup, bitnet::kInt4GroupBytes};
+  for (int d = 0; d < 4; ++d) {
+    if (w.shape(d) != w_shape[d] || (d < 3 && scales.shape(d) != w_shape[d])) {
+      throw py::value_error("int4_weight_linear: " + std::to_string(rows) + " rows of " + std::to_string(k) +
+                            " features need weight (" + std::to_string(tiles) + ", " + std::to_string(groups) +
+                            ", 4, 64) and scales (" + std::to_string(tiles) + ", " + std::to_string(groups) +
+                            ", 4); make them with bitnet_train.kernels.cpu.pack_int4");
+    }
+  }
+  py::array_t<float> out({m, rows});
+  const Settings s = settings();
+  {
+    py::gil_scoped_release nogil;
+    bitnet::int4_weight_gemm(s.isa, data<float>(x), m, k, data<uint8_t>(w), data<float>(scales), rows,
                              out.mutable_data(), s.threads);
   }
   return out;
@@ -303,9 +346,13 @@ PYBIND11_MODULE(_cpu_kernels, m) {
   m.def("group_rows", &group_rows, py::arg("qweight"),
         "packed uint8 (N, Kpad/4) -> the streaming layout (ceil(N/4), 4 * Kpad/4) the decoder reads");
   m.def("bitlinear_forward", &bitlinear_forward, py::arg("x"), py::arg("qweight"), py::arg("qscale"),
-        py::arg("in_features"), "float32 (M, K) -> float32 (M, N): quantize, integer matmul, rescale");
+        py::arg("in_features"), py::arg("rows") = 0,
+        "float32 (M, K) -> float32 (M, N): quantize, integer matmul, rescale by qscale (float32 (1,) or (N,)); "
+        "with rows = N, qweight is group_rows' layout");
   m.def("int8_weight_linear", &int8_weight_linear, py::arg("x"), py::arg("weight"), py::arg("scales"),
         "float32 (M, K) x int8 (N, K) with per-row float32 scales (N,) -> float32 (M, N)");
+  m.def("int4_weight_linear", &int4_weight_linear, py::arg("x"), py::arg("weight"), py::arg("scales"),
+        py::arg("rows"), "float32 (M, K) x 4-bit grouped weight (kernels/cpu/int4_weights.h) -> float32 (M, rows)");
   py::class_<Decoder>(m, "Decoder", "the whole decoder stack of a model, one call per forward step")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, float, const py::list&>(), py::arg("hidden"),
            py::arg("intermediate"), py::arg("heads"), py::arg("kv_heads"), py::arg("eps"), py::arg("layers"),
