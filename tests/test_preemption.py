@@ -1,0 +1,81 @@
+"""StopFlag: a stop signal heard by any rank stops every rank at the same step, and a second
+signal cannot interrupt the stop."""
+import os
+import signal
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bitnet_train.preemption import STOP_SIGNALS, StopFlag
+
+ONE_PROCESS = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+
+
+def restore_default_handlers():
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+
+
+def test_no_signal_no_stop():
+    with StopFlag() as stop:
+        assert not stop.should_stop(ONE_PROCESS)
+        assert stop.signum is None
+
+
+def test_a_signal_stops_and_names_itself():
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.should_stop(ONE_PROCESS)
+        assert stop.signum == signal.SIGUSR1
+    restore_default_handlers()
+
+
+def test_the_first_signal_wins_and_a_second_one_does_not_kill():
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the default action would end this test process
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.should_stop(ONE_PROCESS) and stop.signum == signal.SIGTERM
+    os.kill(os.getpid(), signal.SIGTERM)  # after the block too: the process is on its way out, saved
+    assert stop.signum == signal.SIGTERM
+    restore_default_handlers()
+
+
+def test_handlers_are_restored_after_a_run_without_signal():
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    with StopFlag():
+        pass
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+
+
+def _rank(rank: int, init_file: str, heard: list, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    acc = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    answers = []
+    with StopFlag() as stop:
+        for step in range(3):
+            if heard[rank] is not None and step == 1:
+                os.kill(os.getpid(), heard[rank])
+            answers.append((stop.should_stop(acc), stop.signum))
+    results.put((rank, answers))
+    dist.destroy_process_group()
+
+
+def run_two_ranks(tmp_path, heard: list) -> dict:
+    ctx = mp.get_context("fork")  # fork: no re-import of torch in the children
+    results = ctx.SimpleQueue()
+    mp.start_processes(_rank, args=(str(tmp_path / "pg"), heard, results), nprocs=2, start_method="fork")
+    return dict(results.get() for _ in range(2))
+
+
+def test_a_signal_on_one_rank_stops_both_at_the_same_step(tmp_path):
+    answers = run_two_ranks(tmp_path, [None, signal.SIGUSR1])
+    expected = [(False, None), (True, signal.SIGUSR1), (True, signal.SIGUSR1)]
+    assert answers[0] == expected and answers[1] == expected
+
+
+def test_ranks_that_heard_different_signals_agree_on_one(tmp_path):
+    answers = run_two_ranks(tmp_path, [signal.SIGTERM, signal.SIGUSR1])
+    assert answers[0][1] == answers[1][1] == (True, max(signal.SIGTERM, signal.SIGUSR1))
