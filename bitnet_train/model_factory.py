@@ -1,6 +1,7 @@
 """Building a model from our config, and loading one from any compatible checkpoint."""
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -15,20 +16,18 @@ MODEL_CONFIGS = Path(__file__).resolve().parent / "configs" / "model"
 
 
 def model_config(cfg: ModelConfig, vocab_size: int, **special_token_ids) -> BitNetTrainConfig:
-    """The transformers config of a ModelConfig; `special_token_ids`: bos/eos/pad_token_id."""
+    """The transformers config of a ModelConfig; `special_token_ids`: bos/eos/pad_token_id.
+
+    ModelConfig's fields are BitNetConfig's names, so they pass straight through; only RoPE
+    (transformers nests it in rope_parameters) and the training-only switch differ.
+    """
+    fields = asdict(cfg)
+    rope_theta = fields.pop("rope_theta")
+    fields.pop("gradient_checkpointing")  # how to train, not what the model is
     return BitNetTrainConfig(
         vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        initializer_range=cfg.initializer_range,
-        quantize=cfg.quantize,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        **fields,
         **special_token_ids,
     )
 

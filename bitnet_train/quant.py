@@ -6,6 +6,9 @@ reads are bit-identical to the ones the training forward used.
 Weights, per tensor (absmean):  s = 1 / mean|W|,   W_q = clamp(round(W * s), -1, 1) / s
 Activations, per token (absmax): s = 127 / max|x|, x_q = clamp(round(x * s), -128, 127) / s
 
+Conversion of a pretrained model warms the quantizers up (Hugging Face's 1.58-bit Llama write-up):
+the forward sees x + λ·(q(x) − x), λ rising from 0 (the full-precision teacher) to 1 (ternary).
+
 torch.round rounds half to even, as bitnet.cpp's activation quantizer does; every kernel must
 round the same way. The maths runs in float32 whatever the training dtype, so a bf16 run and
 the fp32 exporter see the same codes.
@@ -52,30 +55,50 @@ def quantize_activation(x: torch.Tensor) -> torch.Tensor:
     return (q / s).to(x.dtype)
 
 
-def straight_through(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-    """Forward xq, backward identity: gradients reach the latent full-precision tensor."""
-    return x + (xq - x).detach()
+def straight_through(x: torch.Tensor, xq: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Forward x + λ·(xq − x), backward identity: gradients reach the latent full-precision tensor.
+
+    λ = `strength`; at 1 this is exactly x + (xq − x) (multiplying by 1.0 is exact in floating point).
+    """
+    return x + strength * (xq - x).detach()
 
 
 class BitLinear(nn.Linear):
-    """A bias-free Linear whose weights are ternary and inputs int8 in the forward pass.
+    """A Linear whose weights are ternary and inputs int8 in the forward pass.
 
     The input is expected to be RMS-normalised already: in 2B4T every BitLinear sits behind one
     of the model's RMSNorms (input_layernorm, attn_sub_norm, post_attention_layernorm,
     ffn_sub_norm), which keeps the parameter names identical to the Hugging Face checkpoints.
-    `quantize=False` gives the full-precision baseline with the same parameters.
+    `quantize=False` gives the full-precision baseline with the same parameters. A bias (Qwen2's
+    q/k/v) is added in full precision after the ternary product, as llama.cpp and transformers do.
+    `strength` is the warm-up's λ (set_quant_strength); 1 outside a conversion.
     """
 
-    def __init__(self, in_features: int, out_features: int, quantize: bool = True, **kwargs):
-        super().__init__(in_features, out_features, bias=False, **kwargs)
+    def __init__(self, in_features: int, out_features: int, quantize: bool = True, bias: bool = False, **kwargs):
+        super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.quantize = quantize
+        self.strength = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize:
-            return F.linear(x, self.weight)
-        w = straight_through(self.weight, quantize_weight(self.weight))
-        x = straight_through(x, quantize_activation(x))
-        return F.linear(x, w.to(x.dtype))
+            return F.linear(x, self.weight, self.bias)
+        w = straight_through(self.weight, quantize_weight(self.weight), self.strength)
+        x = straight_through(x, quantize_activation(x), self.strength)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quantize={self.quantize}"
+
+
+def set_quant_strength(model: nn.Module, strength: float) -> None:
+    """Set λ of every BitLinear in `model`: 0 computes in full precision, 1 is the ternary forward."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"quantizer strength λ={strength} is outside [0, 1]")
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.strength = strength
+
+
+def warmup_strength(step: int, warmup_steps: int) -> float:
+    """λ = min(step / warmup_steps, 1) (Hugging Face 1.58-bit write-up); warmup_steps=0: always 1."""
+    return 1.0 if warmup_steps <= 0 else min(step / warmup_steps, 1.0)

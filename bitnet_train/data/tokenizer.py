@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..config import TokenizerConfig
+from ..teacher import PACKAGE_PREFIX, load_teacher_tokenizer
 from .builtin_text import builtin_documents
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
@@ -35,8 +36,11 @@ def cache_dir() -> Path:
 def load_tokenizer(cfg: TokenizerConfig) -> PreTrainedTokenizerBase:
     if cfg.name == "builtin":
         return builtin_tokenizer(cfg.vocab_size)
-    # trust_remote_code stays off: a tokenizer must not run code from a download.
-    tok = AutoTokenizer.from_pretrained(cfg.name, trust_remote_code=False)
+    if cfg.name.startswith(PACKAGE_PREFIX) or cfg.name.endswith(".gguf"):
+        tok = load_teacher_tokenizer(cfg.name)  # a conversion's teacher spec (teacher.py)
+    else:
+        # trust_remote_code stays off: a tokenizer must not run code from a download.
+        tok = AutoTokenizer.from_pretrained(cfg.name, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
