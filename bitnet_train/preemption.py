@@ -1,4 +1,9 @@
-"""Stopping a run on a scheduler's notice or a user's signal: finish the step, save, exit 128+signal."""
+"""Stopping a run on a scheduler's notice or a user's signal: finish the step, save, exit 128+signal.
+
+The first stop signal is recorded for the whole process (`listen`, which the CLI calls at start-up,
+so a notice during data loading is not lost) and every later one is logged and ignored: launchers
+and SLURM often send two, and the second must not kill the save.
+"""
 import logging
 import signal
 
@@ -11,37 +16,50 @@ log = logging.getLogger(__name__)
 # are a user's scancel / kill / Ctrl-C, and a scheduler's last word before SIGKILL.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
+_heard: list[int] = []  # the stop signals this process received, in order
+
+
+def _record(signum, frame):
+    name = signal.Signals(signum).name
+    if _heard:
+        log.warning("received %s while stopping: ignored, the save goes on (SIGKILL aborts it)", name)
+    else:
+        log.warning("received %s: finishing this step, then saving and stopping", name)
+    _heard.append(signum)
+
+
+def listen() -> None:
+    """From now until the process exits, stop signals are recorded instead of ending it."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, _record)
+
 
 class StopFlag:
-    """Records the first stop signal; the loop finishes its step, saves and stops.
+    """The training loop's view of the stop signals: `with StopFlag() as stop:` around the loop,
+    `stop.should_stop(accelerator)` at the same point of every step.
 
     A signal may reach some ranks only (a launcher that forwards it to its own children, one node
-    that heard first), so the loop asks `should_stop` at the same point of every step: every rank
-    gets the same answer and all save the same step. Later signals are logged and ignored, also
-    after the `with` block, so a launcher's second SIGTERM cannot kill the save or the exit.
+    that heard first), so `should_stop` is a collective: every rank gets the same answer at the
+    same step, and all save that step.
     """
 
     def __init__(self):
-        self.heard: int | None = None  # the first signal this process received
         self._agreed: int | None = None  # the signal all ranks act on, once should_stop said so
         self._previous = {}
+
+    @property
+    def heard(self) -> int | None:
+        """The first stop signal this process received (None: none yet)."""
+        return _heard[0] if _heard else None
 
     @property
     def signum(self) -> int | None:
         return self._agreed or self.heard
 
     def __enter__(self):
-        for s in STOP_SIGNALS:
-            self._previous[s] = signal.signal(s, self._handle)
+        self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        listen()
         return self
-
-    def _handle(self, signum, frame):
-        if self.heard is None:
-            self.heard = signum
-            log.warning("received %s: finishing this step, then saving and stopping", signal.Signals(signum).name)
-        else:
-            log.warning("received %s while stopping: ignored, the save goes on (SIGKILL aborts it)",
-                        signal.Signals(signum).name)
 
     def should_stop(self, accelerator) -> bool:
         """Collective (call it on every rank at the same point): True on every rank once any rank

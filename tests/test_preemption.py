@@ -4,18 +4,26 @@ import os
 import signal
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bitnet_train.preemption import STOP_SIGNALS, StopFlag
+from bitnet_train import preemption
+from bitnet_train.preemption import STOP_SIGNALS, StopFlag, listen
 
 ONE_PROCESS = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
 
 
-def restore_default_handlers():
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+@pytest.fixture(autouse=True)
+def fresh_process_state():
+    """Each test starts as a process that heard nothing, and leaves pytest's handlers as it found them."""
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    preemption._heard.clear()
+    yield
+    preemption._heard.clear()
+    for s, handler in before.items():
+        signal.signal(s, handler)
 
 
 def test_no_signal_no_stop():
@@ -29,7 +37,6 @@ def test_a_signal_stops_and_names_itself():
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.should_stop(ONE_PROCESS)
         assert stop.signum == signal.SIGUSR1
-    restore_default_handlers()
 
 
 def test_the_first_signal_wins_and_a_second_one_does_not_kill():
@@ -40,7 +47,13 @@ def test_the_first_signal_wins_and_a_second_one_does_not_kill():
         assert stop.should_stop(ONE_PROCESS) and stop.signum == signal.SIGTERM
     os.kill(os.getpid(), signal.SIGTERM)  # after the block too: the process is on its way out, saved
     assert stop.signum == signal.SIGTERM
-    restore_default_handlers()
+
+
+def test_a_signal_before_the_loop_stops_it_at_its_first_step():
+    listen()  # the CLI, at start-up
+    os.kill(os.getpid(), signal.SIGUSR1)  # during data loading
+    with StopFlag() as stop:
+        assert stop.should_stop(ONE_PROCESS) and stop.signum == signal.SIGUSR1
 
 
 def test_handlers_are_restored_after_a_run_without_signal():
