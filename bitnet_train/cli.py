@@ -52,6 +52,11 @@ def rank_overrides(argv: list[str]) -> list[str]:
 
 
 def train_main(argv: list[str]) -> None:
+    from .preemption import listen
+
+    # From start-up on, a stop signal (a preemption notice during data loading) is recorded for
+    # the training loop, which saves and stops at its next step, instead of ending the process.
+    listen()
     register_configs()
 
     @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")
