@@ -208,6 +208,65 @@ def test_int8_weight_linear_rejects_mismatched_shapes(needs_ext):
         cpu.int8_weight_linear(torch.randn(1, 64), weight, scale[:3])
 
 
+def test_group_rows_reference_is_the_kernels_layout(needs_ext):
+    qweight = random_qweight(13, 700)
+    grouped = cpu.reference_group_rows(qweight)
+    assert torch.equal(grouped, torch.from_numpy(ext.group_rows(qweight.numpy())))
+    assert torch.equal(cpu.ungroup_rows(grouped, 13), qweight)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 2560, 9), (3, 300, 13)])
+def test_bitlinear_with_row_scales_on_grouped_rows_equals_reference(native, m, k, n):
+    """The ternary head: one s_w per row, weights in the streaming layout; bit for bit."""
+    qweight = random_qweight(n, k)
+    row_scales = torch.rand(n, generator=generator(2)) * 50 + 10
+    x = torch.randn(m, k, generator=generator(3))
+    got = cpu.bitlinear(x, cpu.group_rows(qweight), row_scales, k, rows=n)
+    assert torch.equal(got, cpu.reference_bitlinear(x, qweight, row_scales, k))
+
+
+def test_bitlinear_names_a_wrong_number_of_scales(needs_ext):
+    _, qweight, _ = ternary_layer(8, 300)
+    with pytest.raises(ValueError, match=r"one per row \(8\), got 3"):
+        cpu.bitlinear(torch.randn(2, 300), qweight, torch.ones(3), 300)
+
+
+# ---------------------------------------------------------------- 4-bit head
+
+
+def test_int4_packing_round_trips_q4_0_codes():
+    """The largest-magnitude value of each group of 128 maps to code -8; the rest round to -8..7
+    (within half a step, or one step where +8 is clamped to 7)."""
+    w = torch.randn(6, 300, generator=generator(11))
+    packed, scales = cpu.pack_int4(w)
+    assert packed.shape == (2, 3, 4, 64) and scales.shape == (2, 3, 4)
+    codes, group_scales = cpu.unpack_int4(packed, scales, 6)
+    assert codes.shape == (6, 384) and int(codes.min()) >= -8 and int(codes.max()) <= 7
+    assert not codes[:, 300:].any()  # padding: zero weights
+    dequantized = (codes.view(6, 3, 128).float() * group_scales[..., None]).view(6, -1)[:, :300]
+    step = group_scales.abs().repeat_interleave(128, dim=1)[:, :300]
+    error = (dequantized - w).abs()
+    assert (error <= step + 1e-6).all() and (error <= step / 2 + 1e-6).float().mean() > 0.99
+    peak = w.abs().view(6, -1).amax(dim=1)
+    assert torch.allclose(dequantized.abs().amax(dim=1), peak)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 2560, 9), (3, 300, 13), (1, 64, 4), (5, 1000, 130)])
+def test_int4_weight_linear_equals_reference(native, m, k, n):
+    """Exact integer group products; only the float sum over groups may round differently."""
+    packed, scales = cpu.pack_int4(torch.randn(n, k, generator=generator(k)))
+    x = torch.randn(m, k, generator=generator(m))
+    got, ref = cpu.int4_weight_linear(x, packed, scales, n), cpu.reference_int4_weight_linear(x, packed, scales, n)
+    assert got.shape == (m, n)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_int4_weight_linear_rejects_a_layout_of_other_rows(needs_ext):
+    packed, scales = cpu.pack_int4(torch.randn(8, 256))
+    with pytest.raises(ValueError, match=r"9 rows of 256 features need weight \(3, 2, 4, 64\)"):
+        cpu.int4_weight_linear(torch.randn(1, 256), packed, scales, 9)
+
+
 # ---------------------------------------------------------------- fallback and errors
 
 

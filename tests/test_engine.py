@@ -14,7 +14,8 @@ from bitnet_train import cli, quant
 from bitnet_train.checkpoint import CheckpointError, write_manifest
 from bitnet_train.config import compose_config
 from bitnet_train.config import RunConfig
-from bitnet_train.engine import Engine, Sampling, generate, perplexity, read_documents, token_blocks
+from bitnet_train.engine import Engine, Head, Sampling, generate, perplexity, read_documents, token_blocks
+from bitnet_train.engine.weights import CPU_ONLY_HEADS
 from bitnet_train.scoring import pair_logps, preference_metrics, task_accuracy
 from bitnet_train.scoring.engine_scores import EngineCausalLM
 from bitnet_train.data.chat import encode_pairs
@@ -175,8 +176,11 @@ def test_the_compiled_stack_equals_the_torch_layers(engine, text_ids):
         layered = engine.forward(text_ids, cache)
     finally:
         engine.native = stack
-    assert relative_error(compiled, layered) < 1e-4
-    assert relative_error(keys, cache.k) < 1e-4  # both filled the cache alike
+    # The compiled RMSNorm sums in another order than torch's: an ulp apart, which can tip one
+    # activation rounding and cascade (REFERENCE.md section 6; measured 2e-4 on the 40-step model).
+    assert relative_error(compiled, layered) < 1e-3
+    assert torch.equal(compiled.argmax(-1), layered.argmax(-1))
+    assert relative_error(keys, cache.k) < 1e-3  # both filled the cache alike
 
 
 def test_the_compiled_stack_names_a_wrong_cache(engine):
@@ -198,12 +202,21 @@ def test_the_1_6_bit_export_runs_identically(exported, engine, text_ids):
     assert torch.equal(base3.forward(text_ids), engine.forward(text_ids))
 
 
-@pytest.mark.parametrize("head_dtype, bound", [("bf16", 1e-2), ("int8", 2e-2)])
-def test_smaller_head_types_stay_close(exported, engine, text_ids, head_dtype, bound):
+@pytest.mark.parametrize("head_dtype, bound, argmax_agreement",
+                         [("bf16", 1e-2, 0.97), ("int8", 2e-2, 0.97), ("int4", 0.1, 0.9), ("ternary", 0.4, 0.8)])
+def test_smaller_head_types_stay_close(exported, engine, text_ids, head_dtype, bound, argmax_agreement):
     small = Engine.from_export(exported / "own", head_dtype=head_dtype, device="cpu")
-    ref = engine.forward(text_ids)
-    err = relative_error(small.forward(text_ids), ref)
+    ref, ours = engine.forward(text_ids), small.forward(text_ids)
+    err = relative_error(ours, ref)
     assert 0 < err < bound  # nonzero: the head really is stored in the smaller type
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= argmax_agreement
+
+
+@pytest.mark.parametrize("head_dtype", CPU_ONLY_HEADS)
+def test_cpu_only_heads_are_refused_elsewhere(head_dtype):
+    head = Head.from_float(torch.randn(8, 64), head_dtype)
+    with pytest.raises(ValueError, match="CPU kernels only"):
+        head.to("cuda")
 
 
 def test_perplexity_equals_the_training_models_loss(engine, trained, tokenizer):

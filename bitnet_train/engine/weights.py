@@ -11,23 +11,25 @@ The LM head is the one large full-precision matrix (2B4T: 128256 x 2560, 1.3 GB 
 at decode it is read once per token like every other weight, so its storage sets a floor on
 decode speed. `head_dtype` chooses it: fp32 (default; exactly the training model's head), bf16
 (half the bytes), int8 (a quarter: per-row absmax int8, as served models keep their output matrix
-in a quantized type; on the CPU a compiled GEMV reads it with float32 activations). The error each adds is measured in docs/bench_engine.md.
+in a quantized type), int4 (an eighth and a bit: 4-bit codes with one scale per 128 values, as
+llama.cpp's Q4_0) and ternary (a sixteenth: per-row absmean ternary codes on the layers' GEMV,
+as ternary-headed models such as PrismML's Bonsai ship). int4 and ternary run on the CPU kernels
+only. The error each adds is measured in docs/bench_engine.md.
 """
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 
-from ..checkpoint import CheckpointError, verify_manifest
-from ..export.own_format import LAYOUTS, WEIGHTS, packed_layout
+from .. import quant
+from ..export.own_format import read_packed
 from ..kernels import cpu
 from ..model import BitNetTrainConfig
-from ..ternary_layout import pack_ternary, packed_row_bytes
+from ..ternary_layout import pack_ternary
 
-HEAD_DTYPES = ("fp32", "bf16", "int8")
+HEAD_DTYPES = ("fp32", "bf16", "int8", "int4", "ternary")
+CPU_ONLY_HEADS = ("int4", "ternary")  # their kernels exist on the CPU only
 ATTENTION = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 
@@ -61,36 +63,61 @@ class Head:
     """The LM head in a chosen storage type; returns float32 logits (N, vocab)."""
 
     dtype: str
-    weight: torch.Tensor  # float32 / bfloat16 / int8 (vocab, hidden)
-    scale: torch.Tensor | None = None  # int8 only: per-row multiplier, W ~ weight * scale
+    # fp32 / bf16 / int8: (vocab, hidden); int4: cpu.pack_int4's codes; ternary: cpu.group_rows of the
+    # packed codes
+    weight: torch.Tensor
+    scale: torch.Tensor | None = None  # int8, ternary: per row; int4: per 128 values (cpu.pack_int4)
+    vocab: int = 0
+    hidden: int = 0
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, dtype: str = "fp32") -> "Head":
         if dtype not in HEAD_DTYPES:
             raise ValueError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {dtype!r}")
         weight = weight.float()
+        shape = dict(vocab=weight.shape[0], hidden=weight.shape[1])
         if dtype == "fp32":
-            return cls(dtype, weight.contiguous())
+            return cls(dtype, weight.contiguous(), **shape)
         if dtype == "bf16":
-            return cls(dtype, weight.to(torch.bfloat16).contiguous())
+            return cls(dtype, weight.to(torch.bfloat16).contiguous(), **shape)
+        if dtype == "int4":
+            return cls(dtype, *cpu.pack_int4(weight), **shape)
+        if dtype == "ternary":
+            # BitNet's absmean ternarization, one scale per vocabulary row.
+            s = 1.0 / weight.abs().mean(dim=1).clamp(min=quant.EPS)
+            codes = (weight * s[:, None]).round().clamp(-1, 1).to(torch.int8)
+            return cls(dtype, cpu.group_rows(pack_ternary(codes)), s.contiguous(), **shape)
         # Symmetric per-row absmax: each vocabulary row keeps its own range, so rows with small
         # norms (rare tokens) do not lose their precision to the largest row.
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         codes = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        return cls(dtype, codes.contiguous(), scale)
+        return cls(dtype, codes.contiguous(), scale, **shape)
+
+    @property
+    def nbytes(self) -> int:
+        """What a decode step reads: the stored weight and its scales."""
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale) if t is not None)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         if self.dtype == "fp32":
             return F.linear(h.float(), self.weight)
         if self.dtype == "bf16":
             return F.linear(h.to(torch.bfloat16), self.weight).float()
+        if self.dtype == "int4":
+            return cpu.int4_weight_linear(h, self.weight, self.scale, self.vocab)
+        if self.dtype == "ternary":
+            return cpu.bitlinear(h, self.weight, self.scale, self.hidden, rows=self.vocab)
         if h.device.type == "cpu":  # float32 activations on the compiled int8-weight GEMV
             return cpu.int8_weight_linear(h, self.weight, self.scale)
         # torch's weight-only int8 matmul (gpt-fast's): bf16 activations, int8 weights scaled per row.
         return torch._weight_int8pack_mm(h.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16)).float()
 
     def to(self, device) -> "Head":
-        return Head(self.dtype, self.weight.to(device), None if self.scale is None else self.scale.to(device))
+        if torch.device(device).type != "cpu" and self.dtype in CPU_ONLY_HEADS:
+            raise ValueError(f"head_dtype {self.dtype} runs on the CPU kernels only; on {device} use one of "
+                             f"{', '.join(d for d in HEAD_DTYPES if d not in CPU_ONLY_HEADS)}")
+        return Head(self.dtype, self.weight.to(device), None if self.scale is None else self.scale.to(device),
+                    self.vocab, self.hidden)
 
 
 @dataclass
@@ -120,29 +147,15 @@ class EngineWeights:
         return EngineWeights(self.config, self.embed.to(device), layers, self.norm.to(device), self.head.to(device))
 
 
-def build_weights(
-    config: BitNetTrainConfig, get, head_dtype: str = "fp32"
-) -> EngineWeights:
+def build_weights(config: BitNetTrainConfig, get, head_dtype: str = "fp32") -> EngineWeights:
     """Engine weights from `get(name)`: float tensors by their training names, and for each BitLinear
-    module `NAME`, `get("NAME.qweight")` (2-bit layout) and `get("NAME.qscale")`."""
+    module `NAME`, `get("NAME.qweight")` (2-bit layout) and `get("NAME.qscale")`, already checked
+    (own_format.read_packed)."""
     hidden, inter = config.hidden_size, config.intermediate_size
-
-    head_dim = hidden // config.num_attention_heads
-    rows = {"q_proj": config.num_attention_heads * head_dim, "k_proj": config.num_key_value_heads * head_dim,
-            "v_proj": config.num_key_value_heads * head_dim, "o_proj": hidden, "gate_proj": inter,
-            "up_proj": inter, "down_proj": hidden}
+    attention_width = config.num_attention_heads * (hidden // config.num_attention_heads)
 
     def ternary(prefix: str, names, in_features: int) -> TernaryLinear:
-        parts = []
-        for n in names:
-            qweight = get(f"{prefix}.{n}.qweight")
-            if qweight.shape != (rows[n], packed_row_bytes(in_features)):
-                raise CheckpointError(
-                    f"tensor {prefix}.{n}.qweight has shape {tuple(qweight.shape)}, the config needs "
-                    f"({rows[n]}, {packed_row_bytes(in_features)}): config.json and the weights do not belong "
-                    "together; export again")
-            parts.append((qweight, get(f"{prefix}.{n}.qscale")))
-        return fuse(parts, in_features)
+        return fuse([(get(f"{prefix}.{n}.qweight"), get(f"{prefix}.{n}.qscale")) for n in names], in_features)
 
     layers = []
     for i in range(config.num_hidden_layers):
@@ -151,7 +164,7 @@ def build_weights(
             input_norm=get(f"{p}.input_layernorm.weight").float(),
             qkv=ternary(f"{p}.self_attn", ATTENTION, hidden),
             attn_sub_norm=get(f"{p}.self_attn.attn_sub_norm.weight").float(),
-            o=ternary(f"{p}.self_attn", ("o_proj",), config.num_attention_heads * head_dim),
+            o=ternary(f"{p}.self_attn", ("o_proj",), attention_width),
             post_norm=get(f"{p}.post_attention_layernorm.weight").float(),
             gate_up=ternary(f"{p}.mlp", GATE_UP, hidden),
             ffn_sub_norm=get(f"{p}.mlp.ffn_sub_norm.weight").float(),
@@ -163,65 +176,6 @@ def build_weights(
 
 
 def load_weights(directory: str | Path, head_dtype: str = "fp32") -> EngineWeights:
-    """Verify an export's checksums and read it for the engine; every problem names its file."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory} is not a directory; pass an export made by `bitnet-train export` "
-                              "(e.g. OUT/own)")
-    verify_manifest(directory)
-    try:
-        config = BitNetTrainConfig.from_pretrained(directory)
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{directory / 'config.json'} cannot be read as a bitnet-train config ({e}); "
-                              "export the checkpoint again") from e
-    path = directory / WEIGHTS
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            reader = _PackedReader(f, path, config, packed_layout(f, path))
-            return build_weights(config, reader.get, head_dtype)
-    except SafetensorError as e:
-        raise CheckpointError(f"{path} cannot be read ({e}); export it again") from e
-
-
-class _PackedReader:
-    """Tensors of an open packed file, checked on the way in, in the kernels' 2-bit layout."""
-
-    def __init__(self, f, path: Path, config: BitNetTrainConfig, layout: str):
-        self.f, self.path, self.layout = f, path, layout
-        self.in_features = {
-            name: config.intermediate_size if name == "down_proj" else config.hidden_size
-            for name in (*ATTENTION, "o_proj", *GATE_UP, "down_proj")
-        }
-        self.keys = set(f.keys())
-
-    def _raw(self, name: str) -> torch.Tensor:
-        if name not in self.keys:
-            raise CheckpointError(f"{self.path} has no tensor {name}: the export is incomplete or was made for "
-                                  "another config; export it again")
-        return self.f.get_tensor(name)
-
-    def get(self, name: str) -> torch.Tensor:
-        t = self._raw(name)
-        if name.endswith(".qscale"):
-            if t.shape != (1,) or not bool(torch.isfinite(t).all() and (t > 0).all()):
-                raise CheckpointError(f"{self.path}: tensor {name} must be one finite positive float, got {t}")
-        elif name.endswith(".qweight"):
-            t = self._codes(name, t)
-        return t
-
-    def _codes(self, name: str, packed: torch.Tensor) -> torch.Tensor:
-        in_features = self.in_features[name.rsplit(".", 2)[-2]]
-        _, unpack = LAYOUTS[self.layout]
-        try:
-            if self.layout != "2bit":  # the kernels read only the 2-bit layout: repack once, at load
-                return pack_ternary(unpack(packed, in_features, dtype=torch.int8))
-            if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != packed_row_bytes(in_features):
-                raise ValueError(f"expected uint8 (rows, {packed_row_bytes(in_features)}), got {packed.dtype} "
-                                 f"{tuple(packed.shape)}")
-            # A 2-bit field holding 3 (both bits set) is not t + 1 for any ternary t.
-            if bool((packed & (packed >> 1) & 0x55).any()):
-                raise ValueError("it holds the 2-bit code 3")
-        except ValueError as e:
-            raise CheckpointError(f"{self.path}: tensor {name} is malformed ({e}); the file is corrupt or not "
-                                  "ternary: export it again") from e
-        return packed.contiguous()
+    """An export of our packed format (own or own-1.6), read and checked by own_format.read_packed."""
+    export = read_packed(directory)
+    return build_weights(export.config, export.get, head_dtype)

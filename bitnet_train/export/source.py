@@ -53,6 +53,22 @@ class TernaryCheckpoint:
         return sum(t.numel() for name, t in self.full_precision.items() if name in EMBEDDING_NAMES)
 
 
+def stock_architecture(config: BitNetTrainConfig) -> str:
+    """The transformers / llama.cpp architecture that computes what this model computes.
+
+    2B4T and a converted model with SubLN have sub-norms: BitNet's graph, whose activation is read
+    from hidden_act. A converted model without them is its teacher's: Qwen2 (q/k/v biases) or Llama.
+    """
+    if config.sub_norms:
+        if config.qkv_bias:
+            raise CheckpointError(
+                "a model with sub-norms and q/k/v biases has no stock architecture (BitNet's has no biases); "
+                "convert a Qwen2 teacher without model.sub_norms, or export own"
+            )
+        return "bitnet"
+    return "qwen2" if config.qkv_bias else "llama"
+
+
 def ternary_weights(model: BitNetTrainForCausalLM) -> list[TernaryWeight]:
     """Every BitLinear's codes and scale, exactly as the training forward quantizes them."""
     found = []
