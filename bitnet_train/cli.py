@@ -69,7 +69,8 @@ def train_main(argv: list[str]) -> None:
         try:
             outputs = run_pipeline(to_run_config(cfg))
         except TrainingStopped as stopped:  # a deliberate stop, not a crash: no traceback
-            print(f"bitnet-train: {stopped}", file=sys.stderr)
+            if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per rank
+                print(f"bitnet-train: {stopped} (exit code {stopped.exit_code})", file=sys.stderr)
             raise SystemExit(stopped.exit_code)
         for name, path in outputs.items():
             print(f"{name}: {path}")

@@ -1,6 +1,7 @@
 """Typed configs. Hydra validates every YAML file and command-line override against these
 dataclasses, so a mistyped key or a wrong type fails at start-up, naming the key."""
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from hydra import compose, initialize_config_module
@@ -10,6 +11,51 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 # The config groups ship inside the package (recipes/ is one of them), so a plain
 # `pip install bitnet-train` runs `bitnet-train recipes=quickstart` from any directory.
 CONFIG_MODULE = "bitnet_train.configs"
+
+
+class Choice(str, Enum):
+    """A knob with a fixed set of values. OmegaConf matches YAML strings to member names, so each
+    name is its value; a typo fails at composition listing the allowed values. Members are
+    strings, so `cfg.precision == "bf16"` holds and they serialise as plain text."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class StageKind(Choice):
+    pretrain = "pretrain"
+    sft = "sft"
+    dpo = "dpo"
+    convert = "convert"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class LossReduction(Choice):
+    mean = "mean"
+    sum = "sum"
+
+
+class DecayShape(Choice):
+    """How the LR falls within each schedule stage."""
+
+    linear = "linear"
+    cosine = "cosine"
+
+
+class WeightDecayShape(Choice):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class WandbMode(Choice):
+    auto = "auto"  # online if WANDB_API_KEY is set, else offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 @dataclass
@@ -67,11 +113,28 @@ class DataConfig:
     max_bad_row_fraction: float = 0.01
 
 
+class ConfigError(ValueError):
+    """A config value that composes but cannot run; the message names the full key and the rule."""
+
+
+def require(ok: bool, where: str, key: str, value: Any, rule: str) -> None:
+    """A config value's rule, checked at start-up (pipeline.validate_run, before any compute)."""
+    if not ok:
+        raise ConfigError(f"{where}.{key}={value} {rule}")
+
+
 @dataclass
 class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # torch scales the gradient to this norm: 0 would zero every update
+
+    def check(self, where: str) -> None:
+        betas = list(self.betas)
+        require(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), where, "betas", betas,
+                "must be two values in [0, 1), e.g. [0.9, 0.95]")
+        require(self.eps > 0, where, "eps", self.eps, "must be > 0")
+        require(self.grad_clip > 0, where, "grad_clip", self.grad_clip, "must be > 0")
 
 
 @dataclass
@@ -84,7 +147,7 @@ class ScheduleConfig:
     WD: stage 1 at wd (constant, or a cosine from wd to 0 over stage 1); stage 2 at wd_stage2.
     """
 
-    shape: str = "linear"  # linear | cosine
+    shape: DecayShape = DecayShape.linear
     warmup_steps: int = 375
     lr_peak: float = 1.5e-3
     stage1_end_ratio: float = 0.8
@@ -92,7 +155,7 @@ class ScheduleConfig:
     lr_stage2_peak: float = 1.0e-3
     final_ratio: float = 0.0
     wd: float = 0.1
-    wd_shape: str = "constant"  # constant | cosine
+    wd_shape: WeightDecayShape = WeightDecayShape.constant
     wd_stage2: float = 0.0
 
 
@@ -100,7 +163,7 @@ class ScheduleConfig:
 class StageConfig:
     """One training stage. Stages differ by loss and data only; the loop is shared."""
 
-    kind: str = MISSING  # pretrain | sft | dpo
+    kind: StageKind = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -108,7 +171,7 @@ class StageConfig:
     epochs: float = 1.0
     micro_batch_size: int = 8
     grad_accum: int = 1
-    precision: str = "fp32"  # fp32 | bf16
+    precision: Precision = Precision.fp32
     eval_every: int = 50
     eval_batches: int = 20
     save_every: int = 100
@@ -116,8 +179,19 @@ class StageConfig:
     # Where the stage starts: null = the previous stage's output (or fresh weights for the
     # first stage); or a checkpoint directory (ours, or a transformers BitNet one).
     init_from: Optional[str] = None
-    loss_reduction: str = "mean"  # mean | sum (SFT: sum, the report's choice)
+    loss_reduction: LossReduction = LossReduction.mean  # SFT: sum, the report's choice
     max_nonfinite_steps: int = 10
+
+    def check(self, where: str) -> None:
+        """The loop's counts; a zero here would otherwise surface as a division by zero after
+        compute was spent."""
+        require(self.max_steps >= 0, where, "max_steps", self.max_steps, "must be >= 0 (0: derive from epochs)")
+        if self.max_steps == 0:
+            require(self.epochs > 0, where, "epochs", self.epochs, "must be > 0 (or set max_steps)")
+        for key in ("micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
+            require(getattr(self, key) >= 1, where, key, getattr(self, key), "must be >= 1")
+        require(self.max_nonfinite_steps >= 0, where, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 0")
+        self.optim.check(f"{where}.optim")
 
 
 @dataclass
@@ -125,6 +199,11 @@ class DPOStageConfig(StageConfig):
     beta: float = 0.1
     # Weight of the chosen reply's NLL added to the sigmoid loss (RPO, TRL's rpo_alpha); 0 = plain DPO.
     rpo_alpha: float = 0.0
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        require(self.beta > 0, where, "beta", self.beta, "must be > 0")
+        require(self.rpo_alpha >= 0, where, "rpo_alpha", self.rpo_alpha, "must be >= 0 (0: plain DPO)")
 
 
 @dataclass
@@ -148,7 +227,7 @@ class ConvertStageConfig(StageConfig):
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "auto"  # auto (online if WANDB_API_KEY is set, else offline) | online | offline | disabled
+    wandb: WandbMode = WandbMode.auto
     project: str = "bitnet-train"
     group: Optional[str] = None
     log_every: int = 10

@@ -15,14 +15,14 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError, verify_manifest
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data.chat import check_wrong_reply_fraction
-from .data.sources import check_files
+from .data.preflight import check_stage_data
 from .data.tokenizer import load_tokenizer
 from .scoring.report import write_report
 from .model_factory import build_model, load_checkpoint_model
 from .schedules import validate as validate_schedule
-from .stages import STAGES, build_stage
+from .stages import build_stage
 from .trainer import RunContext, train
 
 log = logging.getLogger(__name__)
@@ -33,33 +33,28 @@ AFTER_TRAINING = {"report": write_report}
 
 
 def validate_run(cfg: RunConfig) -> None:
-    """Everything that can be checked before compute is spent."""
+    """Everything that can be checked before compute is spent, for every stage of the pipeline
+    (a bad SFT file must not wait for pretraining to finish to be named)."""
     for i, name in enumerate(cfg.pipeline):
         if name in AFTER_TRAINING:
             if any(later in cfg.stages for later in cfg.pipeline[i:]):
-                raise ValueError(f"pipeline entry {name!r} reads finished stages; put it after every training stage")
+                raise ConfigError(f"pipeline entry {name!r} reads finished stages; put it after every training stage")
             continue
         if name not in cfg.stages:
-            raise ValueError(
+            raise ConfigError(
                 f"pipeline entry {name!r} is unknown; use some of {[*cfg.stages, *AFTER_TRAINING]} "
                 f"(a new stage: +stage@stages.{name}=KIND)"
             )
-        stage = cfg.stages[name]
-        if stage.kind not in STAGES:
-            raise ValueError(f"stages.{name}.kind={stage.kind!r} is unknown; known: {sorted(STAGES)}")
-        validate_schedule(stage.schedule)
-        if stage.precision not in ("fp32", "bf16"):
-            raise ValueError(f"stages.{name}.precision={stage.precision!r}; use fp32 or bf16")
-        if stage.loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"stages.{name}.loss_reduction={stage.loss_reduction!r}; use mean or sum")
-        if stage.data.source == "files":
-            check_files(stage.data)
-        check_wrong_reply_fraction(stage.data, f"stages.{name}")
+        stage, where = cfg.stages[name], f"stages.{name}"
+        stage.check(where)
+        validate_schedule(stage.schedule, f"{where}.schedule")
+        check_wrong_reply_fraction(stage.data, where)
+        check_stage_data(stage.kind, stage.data, where)
         if stage.init_from and not Path(stage.init_from).is_dir():
-            raise FileNotFoundError(f"stages.{name}.init_from={stage.init_from} does not exist")
+            raise ConfigError(f"{where}.init_from={stage.init_from} does not exist; give a checkpoint directory")
         if stage.data.seq_len > cfg.model.max_position_embeddings:
-            raise ValueError(
-                f"stages.{name}.data.seq_len={stage.data.seq_len} exceeds model.max_position_embeddings="
+            raise ConfigError(
+                f"{where}.data.seq_len={stage.data.seq_len} exceeds model.max_position_embeddings="
                 f"{cfg.model.max_position_embeddings}"
             )
 
