@@ -73,7 +73,12 @@ class StopFlag:
         return self._agreed is not None
 
     def __exit__(self, *exc):
-        if self.signum is not None:
-            return  # stopping: keep ignoring further signals until the process exits
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        if self.signum is None:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+            return
+        # Stopping: the process exits next. Ignored at the OS level, because Python resets its own
+        # handlers to the default (fatal) action while it shuts down, and a launcher's second
+        # SIGTERM would then turn the exit code of a clean stop into "killed by SIGTERM".
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
