@@ -8,10 +8,16 @@
     bitnet-train -m recipes=sweep_lr_drop                   a Hydra sweep (docs/launch.md)
     bitnet-train sweep-summary MULTIRUN_DIR                 a sweep's results: table and plot
     bitnet-train estimate --gpus 64 --days 30               memory per GPU and throughput for 2B4T
+
+Bad input (a config key or value, a data file, a checkpoint path) is reported on one line,
+`bitnet-train: <what was wrong and how to fix it>`, with exit code 2; anything else is a bug and
+keeps its traceback. BITNET_TRAIN_VERBOSE=1 (or Hydra's HYDRA_FULL_ERROR=1) shows the traceback
+of bad input too.
 """
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -51,6 +57,67 @@ def rank_overrides(argv: list[str]) -> list[str]:
     return ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.run.dir=."]
 
 
+USER_ERROR_EXIT = 2
+VERBOSE_VARIABLES = ("BITNET_TRAIN_VERBOSE", "HYDRA_FULL_ERROR")
+# OmegaConf's node details and Hydra's search path: the message before them names the problem.
+DETAIL_LINES = ("full_key:", "reference_type=", "object_type=", "Config search path:", "provider=")
+
+
+def show_tracebacks() -> bool:
+    return any(os.environ.get(name, "") not in ("", "0") for name in VERBOSE_VARIABLES)
+
+
+def user_error_types() -> tuple[type[Exception], ...]:
+    """The exceptions that mean bad input, each raised with a message naming it: an explicit
+    list, so that a bug's exception (even a ValueError) keeps its traceback."""
+    from hydra.errors import CompactHydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data.sources import DataError
+
+    # CompactHydraException: Hydra's own errors of composition (a mistyped key or value, a missing
+    # recipe, an unparsable override), which it too prints without a trace.
+    return ConfigError, DataError, CheckpointError, CompactHydraException, OmegaConfBaseException
+
+
+def one_line(error: BaseException) -> str:
+    """An error and its cause as one line, without the detail lines."""
+    parts = []
+    while error is not None:
+        lines = [line.strip() for line in str(error).splitlines()]
+        parts += [line for line in lines if line and not line.startswith(DETAIL_LINES) and line not in parts]
+        error = error.__cause__
+    return " ".join(part if part[-1] in ".:;" else f"{part};" for part in parts).rstrip(";")
+
+
+@contextmanager
+def user_errors_in_one_line(verbose: bool):
+    try:
+        yield
+    except Exception as error:
+        if verbose or not isinstance(error, user_error_types()):
+            raise
+        print(f"bitnet-train: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None
+
+
+@contextmanager
+def hydra_reraises():
+    """Hydra prints its own report of an error (a trace for most) and exits; told
+    HYDRA_FULL_ERROR it re-raises instead, so that ours is the one report."""
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
 def train_main(argv: list[str]) -> None:
     from .preemption import listen
 
@@ -67,7 +134,9 @@ def train_main(argv: list[str]) -> None:
 
         place_sweep_job(cfg)
         try:
-            outputs = run_pipeline(to_run_config(cfg))
+            # Inside the job too: Hydra reports a failed job's overrides before re-raising.
+            with user_errors_in_one_line(verbose):
+                outputs = run_pipeline(to_run_config(cfg))
         except TrainingStopped as stopped:  # a deliberate stop, not a crash: no traceback
             if int(os.environ.get("RANK", "0")) == 0:  # one line per run, not one per rank
                 print(f"bitnet-train: {stopped} (exit code {stopped.exit_code})", file=sys.stderr)
@@ -79,7 +148,9 @@ def train_main(argv: list[str]) -> None:
 
     # Ours go last: Hydra's flags (-m, --cfg job) must come before the overrides.
     sys.argv = [sys.argv[0], *argv, *rank_overrides(argv)]
-    _run()
+    verbose = show_tracebacks()
+    with hydra_reraises(), user_errors_in_one_line(verbose):  # composing the config
+        _run()
 
 
 def bench_main(argv: list[str]) -> None:

@@ -4,17 +4,15 @@ import logging
 import os
 from pathlib import Path
 
-from .config import LoggingConfig
+from .config import LoggingConfig, WandbMode
 
 log = logging.getLogger(__name__)
 
 
-def wandb_mode(setting: str) -> str:
-    if setting == "auto":
+def wandb_mode(setting: WandbMode) -> str:
+    if setting == WandbMode.auto:
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    if setting not in ("online", "offline", "disabled"):
-        raise ValueError(f"logging.wandb={setting!r}; use auto, online, offline or disabled")
-    return setting
+    return WandbMode(setting).value
 
 
 class MetricsLogger:

@@ -7,19 +7,15 @@ magnitude then acts as a confidence that decay would erode, flipping ternary val
 """
 import math
 
-from .config import ScheduleConfig
-
-SHAPES = ("linear", "cosine")
+from .config import ConfigError, DecayShape, ScheduleConfig, WeightDecayShape
 
 
-def decay(progress: float, shape: str) -> float:
+def decay(progress: float, shape: DecayShape) -> float:
     """1 at progress 0, 0 at progress 1."""
     progress = min(max(progress, 0.0), 1.0)
-    if shape == "linear":
+    if shape == DecayShape.linear:
         return 1.0 - progress
-    if shape == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown schedule shape {shape!r}; use one of {SHAPES}")
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def stage2_step(total_steps: int, cfg: ScheduleConfig) -> int:
@@ -43,18 +39,20 @@ def two_stage_wd(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
     drop = stage2_step(total_steps, cfg)
     if step >= drop:
         return cfg.wd_stage2
-    if cfg.wd_shape == "constant":
+    if cfg.wd_shape == WeightDecayShape.constant:
         return cfg.wd
-    if cfg.wd_shape == "cosine":  # 2B4T report: a cosine weight-decay schedule peaking at wd
-        return cfg.wd * decay(step / max(1, drop), "cosine")
-    raise ValueError(f"unknown wd_shape {cfg.wd_shape!r}; use constant or cosine")
+    # 2B4T report: a cosine weight-decay schedule peaking at wd
+    return cfg.wd * decay(step / max(1, drop), DecayShape.cosine)
 
 
-def validate(cfg: ScheduleConfig) -> None:
-    """Fail at start-up, not hours in, on a schedule that cannot be evaluated."""
-    if cfg.shape not in SHAPES:
-        raise ValueError(f"unknown schedule.shape {cfg.shape!r}; use one of {SHAPES}")
-    if cfg.wd_shape not in ("constant", "cosine"):
-        raise ValueError(f"unknown schedule.wd_shape {cfg.wd_shape!r}; use constant or cosine")
+def validate(cfg: ScheduleConfig, where: str = "schedule") -> None:
+    """Fail at start-up, not hours in, on a schedule that cannot be evaluated or would train
+    backwards (a negative LR ascends the loss; a negative decay inflates the weights).
+    The shapes are enums, checked when the config is composed."""
     if not 0.0 < cfg.stage2_start <= 1.0:
-        raise ValueError(f"schedule.stage2_start={cfg.stage2_start} must be in (0, 1]")
+        raise ConfigError(f"{where}.stage2_start={cfg.stage2_start} must be in (0, 1]")
+    if cfg.lr_peak <= 0:
+        raise ConfigError(f"{where}.lr_peak={cfg.lr_peak} must be > 0")
+    for key in ("lr_stage2_peak", "stage1_end_ratio", "final_ratio", "wd", "wd_stage2", "warmup_steps"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{where}.{key}={getattr(cfg, key)} must be >= 0")

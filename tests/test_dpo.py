@@ -128,8 +128,3 @@ def test_rpo_alpha_adds_the_per_token_nll_of_each_chosen_reply(tok):
     out = rpo.loss(model, batch)
     assert out.metrics["nll/chosen"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert out.loss_sum.item() == pytest.approx(plain.loss(model, batch).loss_sum.item() + 0.5 * expected.item(), rel=1e-5)
-
-
-def test_a_negative_rpo_alpha_is_refused(tok):
-    with pytest.raises(ValueError, match="rpo_alpha"):
-        dpo_stage(tok, "stages.dpo.rpo_alpha=-1")

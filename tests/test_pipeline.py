@@ -4,7 +4,8 @@ import json
 import pytest
 
 from bitnet_train.checkpoint import verify_manifest
-from bitnet_train.config import compose_config
+from bitnet_train.config import ConfigError, compose_config
+from bitnet_train.data.sources import DataError
 from bitnet_train.metrics import read_jsonl
 from bitnet_train.pipeline import run_pipeline, validate_run
 
@@ -71,3 +72,80 @@ def test_a_wrong_reply_fraction_outside_0_1_fails_before_pretraining():
     cfg = compose_config(["pipeline=[pretrain,sft]", "stages.sft.data.wrong_reply_fraction=1.5", "output_dir=/tmp/unused"])
     with pytest.raises(ValueError, match=r"sft\.data\.wrong_reply_fraction=1\.5 is not a share"):
         validate_run(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stages.pretrain.max_steps=-1", "stages.pretrain.max_steps=-1 must be >= 0"),
+    ("stages.sft.eval_every=0", "stages.sft.eval_every=0 must be >= 1"),
+    ("stages.sft.save_every=0", "stages.sft.save_every=0 must be >= 1"),
+    ("stages.pretrain.grad_accum=0", "stages.pretrain.grad_accum=0 must be >= 1"),
+    ("stages.dpo.micro_batch_size=0", "stages.dpo.micro_batch_size=0 must be >= 1"),
+    ("stages.sft.optim.betas=[0.9]", r"stages.sft.optim.betas=[0.9] must be two values in [0, 1)"),
+    ("stages.pretrain.optim.grad_clip=0", "stages.pretrain.optim.grad_clip=0.0 must be > 0"),
+    ("stages.pretrain.schedule.lr_peak=-3e-3", "stages.pretrain.schedule.lr_peak=-0.003 must be > 0"),
+    ("stages.dpo.schedule.wd=-0.1", "stages.dpo.schedule.wd=-0.1 must be >= 0"),
+    ("stages.dpo.rpo_alpha=-1", "stages.dpo.rpo_alpha=-1.0 must be >= 0"),
+    ("stages.dpo.beta=0", "stages.dpo.beta=0.0 must be > 0"),
+])
+def test_a_value_that_cannot_train_fails_at_start_up_naming_the_key(override, message):
+    cfg = compose_config(["pipeline=[pretrain,sft,dpo]", override, "output_dir=/tmp/unused"])
+    with pytest.raises(ConfigError) as err:
+        validate_run(cfg)
+    assert str(err.value).startswith(message)
+
+
+def test_a_stage_outside_the_pipeline_is_not_checked():
+    validate_run(compose_config(["pipeline=[pretrain]", "stages.sft.eval_every=0", "output_dir=/tmp/unused"]))
+
+
+def files_stage(kind: str, path, *overrides):
+    """A pipeline whose last stage, of `kind`, reads `path`."""
+    pipeline = "[pretrain]" if kind == "pretrain" else f"[pretrain,{kind}]"
+    return compose_config([
+        f"pipeline={pipeline}", f"stages.{kind}.data.source=files", f"stages.{kind}.data.files=[{path}]",
+        *overrides, "output_dir=/tmp/unused",
+    ])
+
+
+def test_sft_rows_without_messages_fail_before_pretraining(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5)))
+    with pytest.raises(DataError, match=rf"stages\.sft: 5 of the first 5 rows of {path} lack a 'messages' list"):
+        validate_run(files_stage("sft", path))
+
+
+def test_dpo_rows_need_a_preference_pair(tmp_path):
+    good = {"prompt": "1 + 1", "chosen": "2", "rejected": "3"}
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([good] * 99 + [{"prompt": "1 + 1", "chosen": "2"}]))
+    validate_run(files_stage("dpo", path, "stages.dpo.data.max_bad_row_fraction=0.01"))  # 1 of 100: allowed
+    with pytest.raises(DataError, match="1 of the first 100 rows .* lack a preference pair"):
+        validate_run(files_stage("dpo", path, "stages.dpo.data.max_bad_row_fraction=0"))
+
+
+def test_pretraining_text_passes_and_rows_without_the_text_field_fail(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n  some text\n")
+    validate_run(files_stage("pretrain", text))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"content": "some text"}) + "\n")
+    with pytest.raises(DataError, match="lack a non-empty text field 'text'"):
+        validate_run(files_stage("pretrain", rows))
+    validate_run(files_stage("pretrain", rows, "stages.pretrain.data.text_field=content"))
+
+
+def test_parquet_rows_are_checked(tmp_path):
+    from datasets import Dataset
+
+    path = tmp_path / "chat.parquet"
+    Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]}).to_parquet(path)
+    validate_run(files_stage("sft", path))
+    with pytest.raises(DataError, match="lack a preference pair"):
+        validate_run(files_stage("dpo", path))
+
+
+def test_a_line_that_is_not_json_is_named(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"messages": []}\n{not json\n')
+    with pytest.raises(DataError, match=rf"{path}, line 2: not JSON"):
+        validate_run(files_stage("sft", path))

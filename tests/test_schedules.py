@@ -1,8 +1,9 @@
 import math
 
 import pytest
+from hydra.errors import ConfigCompositionException
 
-from bitnet_train.config import ScheduleConfig
+from bitnet_train.config import ScheduleConfig, compose_config
 from bitnet_train.schedules import two_stage_lr, two_stage_wd, validate
 
 TOTAL = 1000
@@ -55,7 +56,18 @@ def test_one_stage_schedule_has_no_drop():
     assert two_stage_wd(999, TOTAL, c) == 0.1
 
 
-@pytest.mark.parametrize("bad", [dict(shape="exp"), dict(wd_shape="linear"), dict(stage2_start=0.0)])
-def test_invalid_schedules_fail_at_start(bad):
-    with pytest.raises(ValueError, match=next(iter(bad))):
-        validate(cfg(**bad))
+@pytest.mark.parametrize("override, allowed", [("shape=exp", "linear, cosine"), ("wd_shape=linear", "constant, cosine")])
+def test_an_unknown_shape_fails_at_composition_listing_the_shapes(override, allowed):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config([f"stages.pretrain.schedule.{override}"])
+    assert f"expected one of [{allowed}]" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(stage2_start=0.0), dict(stage2_start=1.5), dict(lr_peak=-1e-3), dict(lr_peak=0.0), dict(lr_stage2_peak=-1e-4),
+    dict(wd=-0.1), dict(wd_stage2=-0.1), dict(warmup_steps=-1), dict(final_ratio=-0.5),
+])
+def test_invalid_schedules_fail_at_start_naming_the_key(bad):
+    key, value = next(iter(bad.items()))
+    with pytest.raises(ValueError, match=rf"^stages\.x\.schedule\.{key}={value} must be"):
+        validate(cfg(**bad), "stages.x.schedule")

@@ -160,7 +160,7 @@ def is_conversation(row: dict) -> bool:
 
 def check_wrong_reply_fraction(cfg: DataConfig, stage: str = "data") -> None:
     if not 0.0 <= cfg.wrong_reply_fraction <= 1.0:
-        raise ValueError(
+        raise DataError(
             f"{stage}.data.wrong_reply_fraction={cfg.wrong_reply_fraction} is not a share; use a value in [0, 1]"
         )
 

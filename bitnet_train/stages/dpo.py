@@ -53,8 +53,6 @@ class DPOStage:
     def __init__(self, cfg: StageConfig, tokenizer, seed: int, max_seq_len: int):
         require_seq_len_fits("dpo", cfg.data.seq_len, max_seq_len)
         require_assistant_mask(tokenizer)
-        if cfg.rpo_alpha < 0:
-            raise ValueError(f"stages.dpo.rpo_alpha={cfg.rpo_alpha} is negative; use 0 (plain DPO) or a positive weight")
         self.beta = cfg.beta
         self.rpo_alpha = cfg.rpo_alpha
         self.pad_id = tokenizer.pad_token_id
