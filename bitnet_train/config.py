@@ -111,6 +111,9 @@ class DataConfig:
     wrong_reply_fraction: float = 0.0
     # Rows that lack the expected fields are skipped and counted; above this fraction we stop.
     max_bad_row_fraction: float = 0.01
+    # Pretraining's token caches (data/token_cache.py) live here; null: $BITNET_TRAIN_CACHE or
+    # ~/.cache/bitnet_train, under token_cache/. Each is one directory and may be deleted.
+    cache_dir: Optional[str] = None
 
 
 class ConfigError(ValueError):

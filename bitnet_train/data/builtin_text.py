@@ -23,9 +23,14 @@ def builtin_documents() -> list[str]:
     return docs
 
 
+def held_out_every(fraction: float) -> int:
+    """The deterministic validation split holds out every n-th item; this is n."""
+    return max(2, round(1 / fraction))
+
+
 def split_every_nth(items: list, fraction: float) -> tuple[list, list]:
-    """Deterministic train/validation split: every round(1/fraction)-th item is held out."""
-    every = max(2, round(1 / fraction))
+    """Deterministic train/validation split: every held_out_every(fraction)-th item is held out."""
+    every = held_out_every(fraction)
     train = [x for i, x in enumerate(items) if i % every != every - 1]
     val = [x for i, x in enumerate(items) if i % every == every - 1]
     return train, val

@@ -28,21 +28,26 @@ def load_splits(cfg: DataConfig, builtin: DatasetDict | None = None) -> DatasetD
     if cfg.source == "files":
         raw = _load_files(cfg)
     elif cfg.source == "hub":
-        if not cfg.name:
-            raise DataError("data.source=hub needs data.name (a datasets hub name)")
-        raw = load_dataset(cfg.name, cfg.subset)
+        raw = load_hub(cfg)
     else:
         raise DataError(f"unknown data.source {cfg.source!r}; use builtin, files or hub")
-    if cfg.train_split not in raw:
-        raise DataError(f"split {cfg.train_split!r} not found (have {list(raw)}); set data.train_split")
+    train = named_split(raw, cfg.train_split, "train_split")
     if cfg.validation_split:
-        if cfg.validation_split not in raw:
-            raise DataError(
-                f"split {cfg.validation_split!r} not found (have {list(raw)}); set data.validation_split"
-            )
-        return DatasetDict(train=raw[cfg.train_split], validation=raw[cfg.validation_split])
-    split = raw[cfg.train_split].train_test_split(test_size=cfg.validation_fraction, seed=0, shuffle=True)
+        return DatasetDict(train=train, validation=named_split(raw, cfg.validation_split, "validation_split"))
+    split = train.train_test_split(test_size=cfg.validation_fraction, seed=0, shuffle=True)
     return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def load_hub(cfg: DataConfig) -> DatasetDict:
+    if not cfg.name:
+        raise DataError("data.source=hub needs data.name (a datasets hub name)")
+    return load_dataset(cfg.name, cfg.subset)
+
+
+def named_split(raw: DatasetDict, name: str, key: str) -> Dataset:
+    if name not in raw:
+        raise DataError(f"split {name!r} not found (have {list(raw)}); set data.{key}")
+    return raw[name]
 
 
 def check_files(cfg: DataConfig) -> list[Path]:
@@ -82,16 +87,21 @@ def require_seq_len_fits(stage: str, seq_len: int, max_seq_len: int) -> None:
 def keep_valid_rows(ds: Dataset, is_valid, what: str, cfg: DataConfig) -> Dataset:
     """Drop rows `is_valid` rejects; report how many, and fail above the configured fraction."""
     good = ds.filter(is_valid)
-    bad = len(ds) - len(good)
-    if bad:
-        fraction = bad / max(1, len(ds))
-        message = f"{bad} of {len(ds)} rows ({fraction:.1%}) lack {what}"
-        if fraction > cfg.max_bad_row_fraction:
-            raise DataError(
-                f"{message}: above data.max_bad_row_fraction={cfg.max_bad_row_fraction}; "
-                "fix the data or raise the threshold"
-            )
-        log.warning("%s; skipped them", message)
+    report_skipped_rows({f"lack {what}": len(ds) - len(good)}, len(ds), cfg)
     if len(good) == 0:
         raise DataError(f"no usable rows: every row lacks {what}")
     return good
+
+
+def report_skipped_rows(skipped: dict[str, int], total: int, cfg: DataConfig) -> None:
+    """Warn about rows skipped, by reason ("lack a field"); fail above data.max_bad_row_fraction."""
+    bad = sum(skipped.values())
+    if not bad:
+        return
+    message = "; ".join(f"{n} of {total} rows ({n / max(1, total):.1%}) {why}" for why, n in skipped.items() if n)
+    if bad / max(1, total) > cfg.max_bad_row_fraction:
+        raise DataError(
+            f"{message}: above data.max_bad_row_fraction={cfg.max_bad_row_fraction}; "
+            "fix the data or raise the threshold"
+        )
+    log.warning("%s; skipped them", message)
