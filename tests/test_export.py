@@ -382,7 +382,7 @@ def test_gguf_pre_tokenizer_is_named_for_llama_cpp_or_refused():
 
 
 def test_gguf_pads_a_vocabulary_larger_than_the_tokenizer(tokenizer):
-    writer = gguf.GGUFWriter(None, gguf_format.ARCH)
+    writer = gguf.GGUFWriter(None, "bitnet")
     gguf_format.add_tokenizer(writer, tokenizer, len(tokenizer) + 2)
     kv = writer.kv_data[0]
     assert kv["tokenizer.ggml.tokens"].value[-3:] == [tokenizer.convert_ids_to_tokens(len(tokenizer) - 1),

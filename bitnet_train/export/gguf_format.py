@@ -4,6 +4,9 @@ We write the file ourselves instead of running llama.cpp's converter, which re-t
 ternary weights with a mean|W| scale and gets their magnitude wrong, maps 2B4T's sub-norms under
 other names and wants a SentencePiece tokenizer (REFERENCE.md section 4).
 
+The llama.cpp architecture is the model's own (source.stock_architecture): `bitnet` for 2B4T,
+`llama` or `qwen2` for a converted model, so stock llama.cpp runs it with the right activation.
+
 Exactness. gguf's TQ quantizers re-derive each 256-value block's scale as max|block|. Fed
 W_q = codes / s, every block that holds a nonzero code gets exactly 1/s and the codes come back
 exact; but the block scale is stored as fp16, so the file dequantizes to codes * fp16(1/s): the
@@ -21,14 +24,22 @@ import torch
 from gguf import GGMLQuantizationType, MODEL_TENSOR, TENSOR_NAMES
 
 from ..checkpoint import CheckpointError, verify_manifest
-from .source import TernaryCheckpoint, TernaryWeight
+from .source import TernaryCheckpoint, TernaryWeight, stock_architecture
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.gguf"
 # "bitnet": RoPE there is rotate-half (NEOX), as ours; but upstream's graph computes the FFN with
-# SiLU, not ReLU², which no GGUF key can change (docs/formats.md).
-ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BITNET]
+# SiLU, not ReLU², which no GGUF key can change (docs/formats.md). "llama" and "qwen2" compute
+# SiLU gated FFNs, as their teachers did.
+ARCHS = {
+    "bitnet": gguf.MODEL_ARCH.BITNET,
+    "llama": gguf.MODEL_ARCH.LLAMA,
+    "qwen2": gguf.MODEL_ARCH.QWEN2,
+}
+# llama.cpp's `llama` graph rotates interleaved pairs (RoPE "NORM"); Hugging Face's Llama rotates
+# halves. llama.cpp's converter reorders the q/k rows to match (LlamaModel.permute), and so do we.
+INTERLEAVED_ROPE = {"llama"}
 QTYPES = {"tq2": GGMLQuantizationType.TQ2_0, "tq1": GGMLQuantizationType.TQ1_0}
 FILE_TYPES = {GGMLQuantizationType.TQ2_0: gguf.LlamaFileType.MOSTLY_TQ2_0,
               GGMLQuantizationType.TQ1_0: gguf.LlamaFileType.MOSTLY_TQ1_0}
@@ -61,23 +72,52 @@ LLAMA3_REGEX = (
 
 
 def gguf_name(name: str) -> str:
-    module = name.removesuffix(".weight")
+    module, _, kind = name.rpartition(".")  # kind: weight or bias
     if module in GLOBAL_TENSORS:
-        return TENSOR_NAMES[GLOBAL_TENSORS[module]] + ".weight"
+        return f"{TENSOR_NAMES[GLOBAL_TENSORS[module]]}.{kind}"
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
     if m is None or m.group(2) not in LAYER_TENSORS:
-        raise CheckpointError(f"tensor {name} has no llama.cpp bitnet counterpart; this is not a BitNet checkpoint")
-    return TENSOR_NAMES[LAYER_TENSORS[m.group(2)]].format(bid=int(m.group(1))) + ".weight"
+        raise CheckpointError(f"tensor {name} has no llama.cpp counterpart; this is not a BitNet or Llama-family checkpoint")
+    return f"{TENSOR_NAMES[LAYER_TENSORS[m.group(2)]].format(bid=int(m.group(1)))}.{kind}"
+
+
+def architecture(ckpt: TernaryCheckpoint) -> str:
+    """llama.cpp's architecture name for this checkpoint; it must compute the model's activation."""
+    arch = stock_architecture(ckpt.config)
+    if arch != "bitnet" and ckpt.config.hidden_act != "silu":
+        raise CheckpointError(
+            f"{ckpt.path}: a {ckpt.config.hidden_act} FFN without sub-norms has no llama.cpp architecture "
+            f"(its {arch} graph computes SiLU); export hf or own"
+        )
+    return gguf.MODEL_ARCH_NAMES[ARCHS[arch]]
+
+
+def rope_rows(codes: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rotate-half q/k rows reordered for interleaved RoPE: per head, rows (i, i + d/2) become (2i, 2i + 1)."""
+    out, cols = codes.shape
+    return codes.reshape(heads, 2, out // heads // 2, cols).transpose(1, 2).reshape(out, cols)
+
+
+def llama_cpp_layout(ckpt: TernaryCheckpoint, arch: str) -> list[TernaryWeight]:
+    if arch not in INTERLEAVED_ROPE:
+        return ckpt.ternary
+    heads = {"self_attn.q_proj": ckpt.config.num_attention_heads, "self_attn.k_proj": ckpt.config.num_key_value_heads}
+    reordered = []
+    for w in ckpt.ternary:
+        n = next((h for suffix, h in heads.items() if w.module.endswith(suffix)), None)
+        reordered.append(w if n is None else TernaryWeight(w.name, rope_rows(w.codes, n), w.scale))
+    return reordered
 
 
 def check(ckpt: TernaryCheckpoint, qtype: GGMLQuantizationType) -> None:
+    architecture(ckpt)
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     for w in ckpt.ternary:
         if w.codes.shape[1] % block:
             raise CheckpointError(
                 f"{ckpt.path}: tensor {w.name} has in_features={w.codes.shape[1]}, but {qtype.name} packs rows in "
                 f"blocks of {block}: GGUF needs hidden and intermediate sizes that are multiples of {block} "
-                "(2B4T's are); for this model use --formats own,own-1.6,hf"
+                "(2B4T's and Llama 3 8B's are, SmolLM2-135M's 576 is not); for this model export hf (or own for 2B4T)"
             )
         inv = float(1.0 / w.scale)
         if not FP16_MIN_NORMAL <= inv <= FP16_MAX:
@@ -102,18 +142,19 @@ def quantize_exact(w: TernaryWeight, qtype: GGMLQuantizationType) -> np.ndarray:
 
 def write(ckpt: TernaryCheckpoint, out: Path, qtype: GGMLQuantizationType) -> Path:
     check(ckpt, qtype)
-    if not ckpt.config.tie_word_embeddings:
+    arch = architecture(ckpt)
+    if arch == "bitnet" and not ckpt.config.tie_word_embeddings:
         log.warning(
             "%s has an untied lm_head: it is written as output.weight, but upstream llama.cpp's bitnet graph "
             "uses token_embd as the head and ignores it (docs/formats.md)", ckpt.path
         )
     path = out / WEIGHTS
-    writer = gguf.GGUFWriter(path, ARCH)
+    writer = gguf.GGUFWriter(path, arch)
     add_architecture(writer, ckpt, qtype)
     add_tokenizer(writer, ckpt.tokenizer, ckpt.config.vocab_size)
     for name, tensor in ckpt.full_precision.items():
         writer.add_tensor(gguf_name(name), tensor.numpy())
-    for w in ckpt.ternary:
+    for w in llama_cpp_layout(ckpt, arch):
         writer.add_tensor(gguf_name(w.name), quantize_exact(w, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
