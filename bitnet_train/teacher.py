@@ -11,6 +11,7 @@ into it by name; a SubLN student's sub-norms are the only parameters the teacher
 """
 import importlib.util
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -98,9 +99,11 @@ def check_student_architecture(student: BitNetTrainForCausalLM, teacher: PreTrai
     """Every architecture value the student must share with its teacher; the error lists the overrides."""
     want = student_model_config(teacher.config)
     have = student.config
+    ours = {**have.to_dict(), "rope_theta": have.rope_parameters["rope_theta"]}
+    # Float values compare loosely: a GGUF stores rms_norm_eps as float32 (9.9999997e-06 for 1e-5).
     wrong = {
         key: value for key, value in want.items()
-        if (have.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(have, key)) != value
+        if not (math.isclose(ours[key], value, rel_tol=1e-6) if isinstance(value, float) else ours[key] == value)
     }
     if have.vocab_size != teacher.config.vocab_size:
         raise ValueError(
