@@ -1,7 +1,11 @@
-"""StopFlag: a stop signal heard by any rank stops every rank at the same step, and a second
-signal cannot interrupt the stop."""
+"""StopFlag: a stop signal heard by any rank stops every rank at the same step, and later
+signals (during the save, or while the process exits) cannot interrupt the stop."""
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bitnet_train import preemption
+from bitnet_train.checkpoint import verify_manifest
 from bitnet_train.preemption import STOP_SIGNALS, StopFlag, listen
+
+from conftest import TINY
 
 ONE_PROCESS = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
 
@@ -92,3 +99,38 @@ def test_a_signal_on_one_rank_stops_both_at_the_same_step(tmp_path):
 def test_ranks_that_heard_different_signals_agree_on_one(tmp_path):
     answers = run_two_ranks(tmp_path, [signal.SIGTERM, signal.SIGUSR1])
     assert answers[0][1] == answers[1][1] == (True, max(signal.SIGTERM, signal.SIGUSR1))
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_during_the_save_keeps_the_save_and_the_exit_code(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    run, started = tmp_path / "run", tmp_path / "save_started"
+    env = {**os.environ, "SAVE_STARTED": str(started), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, str(root / "tests" / "slow_save_train.py"), *TINY, "stages.pretrain.max_steps=1000",
+                             "stages.pretrain.save_every=500", "logging.log_every=1", f"output_dir={run}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (run / "pretrain" / "metrics.jsonl").exists(), proc)
+        proc.send_signal(signal.SIGTERM)
+        wait_for(started.exists, proc)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:  # inside the save, then on the way out
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "received SIGTERM while stopping: ignored" in out
+    step = int(started.read_text())
+    verify_manifest(run / "pretrain" / "checkpoints" / f"step_{step:08d}")  # complete, checksums match
+    assert f"stopped by signal {int(signal.SIGTERM)} at step {step}" in out
+
+
+def wait_for(condition, proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run ended or stalled before the moment to signal it:\n{proc.communicate()[0]}")
+        time.sleep(0.05)
