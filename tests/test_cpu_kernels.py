@@ -231,6 +231,47 @@ def test_bitlinear_names_a_wrong_number_of_scales(needs_ext):
         cpu.bitlinear(torch.randn(2, 300), qweight, torch.ones(3), 300)
 
 
+# ---------------------------------------------------------------- base-3 (1.6-bit) GEMV
+
+
+def every_base3_byte() -> torch.Tensor:
+    """Ternary codes (9, 400) whose base-3 packing holds each of the 243 bytes 0 .. 242 at least once."""
+    digits = torch.tensor([[(b // 3**i) % 3 for i in range(5)] for b in range(243)]) - 1  # (243, 5)
+    codes = torch.cat([digits, digits.roll(81, 0), digits.roll(162, 0)], dim=1)  # (243, 15)
+    return codes.reshape(-1, 405)[:, :400].clone()
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 2560, 9), (1, 6912, 5), (3, 300, 13), (1, 7, 4), (2, 160, 1)])
+def test_base3_gemm_equals_the_integer_reference(native, m, k, n):
+    codes = torch.randint(-1, 2, (n, k), generator=generator(k))
+    weight = ext.base3_layout(ternary_layout.pack_ternary_base3(codes).numpy(), k)
+    a = random_activations(m, -(-k // 160) * 160)
+    a[:, k:] = 0
+    got = torch.from_numpy(ext.base3_gemm_int(a.numpy(), weight, n))
+    assert torch.equal(got.long(), a[:, :k].long() @ codes.long().T)
+
+
+def test_base3_digits_are_exact_for_every_byte(native):
+    """The pre-scaled byte ceil(b * 256 / 243) gives back all five digits of every b in 0 .. 242."""
+    codes = every_base3_byte()
+    packed = ternary_layout.pack_ternary_base3(codes)
+    assert set(packed.unique().tolist()) == set(range(243))
+    weight = ext.base3_layout(packed.numpy(), 400)
+    a = random_activations(4, 480)
+    a[:, 400:] = 0
+    got = torch.from_numpy(ext.base3_gemm_int(a.numpy(), weight, len(codes)))
+    assert torch.equal(got.long(), a[:, :400].long() @ codes.long().T)
+
+
+def test_base3_layout_names_bytes_that_are_not_five_codes(needs_ext):
+    packed = ternary_layout.pack_ternary_base3(torch.zeros(2, 10, dtype=torch.int8))
+    packed[1, 1] = 243
+    with pytest.raises(ValueError, match="byte > 242"):
+        ext.base3_layout(packed.numpy(), 10)
+    with pytest.raises(ValueError, match="needs 3 base-3 bytes per row"):
+        ext.base3_layout(packed.numpy(), 11)
+
+
 # ---------------------------------------------------------------- 4-bit head
 
 

@@ -4,7 +4,8 @@ GEMV (one token, decode) is memory-bound: its floor is weight bytes / memory ban
 timed with the weights streamed from DRAM (a rotation over copies totalling several L3s) and
 reported as achieved weight GB/s against bandwidths measured here, in the export's row-major
 layout (the door's bitlinear) and in the row-grouped layout the engine's decoder streams. GEMM
-(a prefill batch) is compute-bound and timed with one weight copy. Both sides run interleaved, on the same number of
+(a prefill batch) is compute-bound and timed with one weight copy. The base-3 (1.6-bit) GEMV is timed
+beside the grouped 2-bit one on the same codes. Both sides run interleaved, on the same number of
 threads; times are medians.
 
     bitnet-train bench kernels [--threads 2] [--prefill 128] [--reps 200]
@@ -34,6 +35,7 @@ except ImportError:
 # BitNet b1.58 2B4T linear layers, (out, in): q/o_proj, k/v_proj, gate/up_proj, down_proj.
 SHAPES_2B4T = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]
 GIB = 1 << 30
+BASE3_CHUNK = 160  # values per 32-byte chunk of the base-3 GEMV (kernels/cpu/base3_kernels.h)
 
 
 @dataclass
@@ -42,6 +44,8 @@ class ShapeResult:
     in_features: int
     gemv_us: float  # ours, M = 1, weights streamed from DRAM
     gemv_grouped_us: float  # the same in the decoder's row-grouped layout (integer product only)
+    gemv_base3_us: float  # the same product on the base-3 (1.6-bit) layout, streamed
+    gemv_base3_cached_us: float  # base-3, one weight copy in cache: its compute ceiling
     gemv_torch_us: float
     gemv_cached_us: float  # ours, M = 1, one weight copy that stays in cache: the compute ceiling
     read_gbs: float  # memory read bandwidth, measured right after the GEMVs
@@ -63,6 +67,19 @@ class ShapeResult:
     @property
     def gemv_cached_gbs(self) -> float:
         return self.weight_bytes / self.gemv_cached_us / 1e3
+
+    @property
+    def base3_bytes(self) -> int:
+        """The base-3 kernel layout: rows of 160-value chunks (32 bytes), in groups of 4 rows."""
+        return -(-self.out_features // 4) * 4 * -(-self.in_features // BASE3_CHUNK) * 32
+
+    @property
+    def gemv_base3_gbs(self) -> float:
+        return self.base3_bytes / self.gemv_base3_us / 1e3
+
+    @property
+    def gemv_base3_cached_gbs(self) -> float:
+        return self.base3_bytes / self.gemv_base3_cached_us / 1e3
 
 
 @dataclass
@@ -138,15 +155,20 @@ def bench_shape(out_features, in_features, prefill_tokens, stream_bytes, threads
     # The compiled kernel is called on numpy arrays as torch's F.linear is called on tensors.
     packed = rotation(lambda: qweight.numpy().copy(), qweight.numel(), stream_bytes)
     grouped = rotation(lambda: _cpu_kernels.group_rows(qweight.numpy()), qweight.numel(), stream_bytes)
+    base3_weight = _cpu_kernels.base3_layout(ternary_layout.pack_ternary_base3(codes).numpy(), in_features)
+    base3 = rotation(base3_weight.copy, base3_weight.size, stream_bytes)
     dense = rotation(w.clone, w.numel() * 4, stream_bytes)
-    scale = float(s)
+    scale = s.reshape(1).numpy()
     forward = _cpu_kernels.bitlinear_forward
 
     x1 = torch.randn(1, in_features)
     a1, _ = _cpu_kernels.quantize_activations(x1.numpy())
-    gemv_us, gemv_grouped_us, gemv_torch_us = interleaved_us(
+    a160 = np.zeros((1, -(-in_features // BASE3_CHUNK) * BASE3_CHUNK), dtype=np.int8)
+    a160[:, :in_features] = a1[:, :in_features]
+    gemv_us, gemv_grouped_us, gemv_base3_us, gemv_torch_us = interleaved_us(
         [lambda: forward(x1.numpy(), next(packed), scale, in_features),
          lambda: _cpu_kernels.ternary_gemm_int(a1, next(grouped), rows=out_features),
+         lambda: _cpu_kernels.base3_gemm_int(a160, next(base3), out_features),
          lambda: F.linear(x1, next(dense))],
         reps,
     )
@@ -155,13 +177,15 @@ def bench_shape(out_features, in_features, prefill_tokens, stream_bytes, threads
     # (60 -> 145 us), a state decode, with its layers back to back, does not meet.
     read = read_gbs(stream_bytes, threads, max(5, reps // 20))
     gemv_cached_us = median_us(lambda: forward(x1.numpy(), qweight.numpy(), scale, in_features), reps)
+    gemv_base3_cached_us = median_us(lambda: _cpu_kernels.base3_gemm_int(a160, base3_weight, out_features), reps)
     xm = torch.randn(prefill_tokens, in_features)
     gemm_us, gemm_torch_us = interleaved_us(
         [lambda: forward(xm.numpy(), qweight.numpy(), scale, in_features), lambda: F.linear(xm, w)],
         max(5, reps // 20),
     )
     return ShapeResult(
-        out_features, in_features, gemv_us, gemv_grouped_us, gemv_torch_us, gemv_cached_us, read,
+        out_features, in_features, gemv_us, gemv_grouped_us, gemv_base3_us, gemv_base3_cached_us, gemv_torch_us,
+        gemv_cached_us, read,
         gemm_us / 1e3, gemm_torch_us / 1e3,
     )
 
@@ -191,8 +215,9 @@ def format_table(r: BenchResult) -> str:
         "",
         f"| out x in | GEMV ours (us) | GEMV torch fp32 (us) | speed-up | weight GB/s | read BW GB/s | "
         f"% of read BW | % of copy BW | grouped GEMV GB/s | grouped % of read BW | in-cache GB/s | "
+        f"base-3 GEMV GB/s | base-3 in-cache GB/s | base-3 time / grouped time | "
         f"GEMM M={r.prefill_tokens} ours (ms) | torch fp32 (ms) | speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in r.shapes:
         lines.append(
@@ -200,7 +225,8 @@ def format_table(r: BenchResult) -> str:
             f"{s.gemv_torch_us / s.gemv_us:.1f}x | {s.gemv_gbs:.1f} | {s.read_gbs:.1f} | "
             f"{100 * s.gemv_gbs / s.read_gbs:.0f}% | {100 * s.gemv_gbs / r.copy_gbs:.0f}% | "
             f"{s.gemv_grouped_gbs:.1f} | {100 * s.gemv_grouped_gbs / s.read_gbs:.0f}% | "
-            f"{s.gemv_cached_gbs:.1f} | {s.gemm_ms:.2f} | "
+            f"{s.gemv_cached_gbs:.1f} | {s.gemv_base3_gbs:.1f} | {s.gemv_base3_cached_gbs:.1f} | "
+            f"{s.gemv_base3_us / s.gemv_grouped_us:.2f} | {s.gemm_ms:.2f} | "
             f"{s.gemm_torch_ms:.2f} | {s.gemm_torch_ms / s.gemm_ms:.1f}x |"
         )
     return "\n".join(lines)

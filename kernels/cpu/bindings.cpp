@@ -7,12 +7,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "base3_kernels.h"
 #include "decoder.h"
 #include "int4_weights.h"
 #include "int8_weights.h"
@@ -125,6 +127,43 @@ py::array_t<uint8_t> group_rows(const py::handle& w_obj) {
   const int64_t n = w.shape(0), k_padded = w.shape(1) * 4, group = bitnet::kStreamGroup;
   py::array_t<uint8_t> out({(n + group - 1) / group, group * w.shape(1)});
   bitnet::group_rows(data<uint8_t>(w), n, k_padded, group, out.mutable_data());
+  return out;
+}
+
+py::array_t<uint8_t> base3_layout(const py::handle& w_obj, int64_t in_features) {
+  const py::array w = require<uint8_t>(w_obj, "base3_layout: qweight", 2);
+  const int64_t n = w.shape(0), file_bytes = (in_features + 4) / 5;
+  if (in_features < 1 || w.shape(1) != file_bytes) {
+    throw py::value_error("base3_layout: in_features=" + std::to_string(in_features) + " needs " +
+                          std::to_string(file_bytes) + " base-3 bytes per row, qweight has " +
+                          std::to_string(w.shape(1)) + " (docs/formats.md, layout base3)");
+  }
+  const uint8_t* bytes = data<uint8_t>(w);
+  if (std::any_of(bytes, bytes + n * file_bytes, [](uint8_t b) { return b > 242; })) {
+    throw py::value_error("base3_layout: qweight holds a byte > 242 = 3^5 - 1, which is not 5 ternary codes");
+  }
+  const int64_t tiles = (n + bitnet::kStreamGroup - 1) / bitnet::kStreamGroup;
+  py::array_t<uint8_t> out({tiles, bitnet::base3_kernel_bytes(n, in_features) / tiles});
+  bitnet::base3_kernel_layout(bytes, n, in_features, out.mutable_data());
+  return out;
+}
+
+py::array_t<int32_t> base3_gemm_int(const py::handle& a_obj, const py::handle& w_obj, int64_t rows) {
+  const py::array a = require<int8_t>(a_obj, "base3_gemm_int: a", 2);
+  const py::array w = require<uint8_t>(w_obj, "base3_gemm_int: qweight", 2);
+  const int64_t k_padded = a.shape(1);
+  if (k_padded % bitnet::kBase3ChunkValues != 0 || rows < 1 ||
+      w.shape(0) * w.shape(1) != bitnet::base3_kernel_bytes(rows, k_padded)) {
+    throw py::value_error("base3_gemm_int: a needs a multiple of 160 columns and qweight base3_layout's " +
+                          std::to_string(rows) + " rows of them");
+  }
+  py::array_t<int32_t> out({a.shape(0), rows});
+  const Settings s = settings();
+  {
+    py::gil_scoped_release nogil;
+    bitnet::base3_gemm_int(s.isa, data<int8_t>(a), a.shape(0), data<uint8_t>(w), rows, k_padded, out.mutable_data(),
+                           s.threads);
+  }
   return out;
 }
 
@@ -345,6 +384,10 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         "is group_rows' layout");
   m.def("group_rows", &group_rows, py::arg("qweight"),
         "packed uint8 (N, Kpad/4) -> the streaming layout (ceil(N/4), 4 * Kpad/4) the decoder reads");
+  m.def("base3_layout", &base3_layout, py::arg("qweight"), py::arg("in_features"),
+        "own-1.6 base-3 rows (N, ceil(K/5)) -> the base-3 GEMV's layout (kernels/cpu/base3_kernels.h)");
+  m.def("base3_gemm_int", &base3_gemm_int, py::arg("a"), py::arg("qweight"), py::arg("rows"),
+        "int8 (M, K160) x base3_layout weights -> exact int32 (M, rows) = a @ t^T; K160 a multiple of 160");
   m.def("bitlinear_forward", &bitlinear_forward, py::arg("x"), py::arg("qweight"), py::arg("qscale"),
         py::arg("in_features"), py::arg("rows") = 0,
         "float32 (M, K) -> float32 (M, N): quantize, integer matmul, rescale by qscale (float32 (1,) or (N,)); "
