@@ -177,7 +177,7 @@ def test_the_compiled_stack_equals_the_torch_layers(engine, text_ids):
     finally:
         engine.native = stack
     # The compiled RMSNorm sums in another order than torch's: an ulp apart, which can tip one
-    # activation rounding and cascade (REFERENCE.md section 6; measured 2e-4 on the 40-step model).
+    # activation rounding and cascade (measured 2e-4 on the 40-step model).
     assert relative_error(compiled, layered) < 1e-3
     assert torch.equal(compiled.argmax(-1), layered.argmax(-1))
     assert relative_error(keys, cache.k) < 1e-3  # both filled the cache alike

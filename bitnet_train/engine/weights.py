@@ -4,8 +4,8 @@ Each decoder layer runs four ternary products instead of seven: q/k/v share thei
 input_layernorm output), and so do gate/up, so their packed rows are concatenated into one
 weight and one kernel call per token. Each projection keeps its own weight scale: the fused
 layer carries one scale *per output row*, the s_w of the projection that row came from.
-(Splitting one fused scale evenly is a bug seen in a peer's GPU path, REFERENCE.md section 5:
-q/k/v have 2560/640/640 rows and three different scales.)
+(Splitting one fused scale evenly is a bug seen in a peer's GPU path, microsoft/BitNet's gpu/
+fused QKV: q/k/v have 2560/640/640 rows and three different scales.)
 
 The LM head is the one large full-precision matrix (2B4T: 128256 x 2560, 1.3 GB in float32), and
 at decode it is read once per token like every other weight, so its storage sets a floor on

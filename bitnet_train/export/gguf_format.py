@@ -2,7 +2,7 @@
 
 We write the file ourselves instead of running llama.cpp's converter, which re-ternarizes already
 ternary weights with a mean|W| scale and gets their magnitude wrong, maps 2B4T's sub-norms under
-other names and wants a SentencePiece tokenizer (REFERENCE.md section 4).
+other names and wants a SentencePiece tokenizer (convert_hf_to_gguf.py).
 
 The llama.cpp architecture is the model's own (source.stock_architecture): `bitnet` for 2B4T,
 `llama` or `qwen2` for a converted model, so stock llama.cpp runs it with the right activation.

@@ -1,6 +1,6 @@
 """The Hugging Face BitNet format: loads with `AutoModelForCausalLM.from_pretrained`.
 
-transformers' offline AutoBitLinear (REFERENCE.md section 4) reads `weight` as uint8 (out/4, in),
+transformers' offline AutoBitLinear (transformers/integrations/bitnet.py) reads `weight` as uint8 (out/4, in),
 4 codes per byte along dim 0, and multiplies its output by `weight_scale`, so weight_scale is
 1/s = mean|W|, the inverse of our quantizer's multiplier. A tied lm_head is left out.
 

@@ -176,8 +176,9 @@ class PackedBitLinear(BitLinear):
     """A BitLinear whose weight already is codes / s.
 
     Running BitLinear's weight quantizer again would be wrong: mean|codes / s| is (nonzero
-    fraction) / s, so the re-derived scale shrinks every weight (llama.cpp's converter bug,
-    REFERENCE.md section 4). Activations are quantized exactly as in training.
+    fraction) / s, so the re-derived scale shrinks every weight (llama.cpp's converter bug:
+    convert_hf_to_gguf.py re-ternarizes with a mean|W| scale). Activations are quantized exactly
+    as in training.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .source import EMBEDDING_NAMES, TernaryCheckpoint
 EMBEDDING_TENSORS = {*EMBEDDING_NAMES, *map(gguf_name, EMBEDDING_NAMES)}  # our / HF names and GGUF's
 
 PAPER_2B4T_NON_EMBEDDING_GB = 0.4
-LLAMA3_VOCAB = 128256  # 2B4T's tokenizer (REFERENCE.md section 2)
+LLAMA3_VOCAB = 128256  # 2B4T's tokenizer, LLaMA 3's (2B4T report section 2.1)
 # bytes of one packed row of `in_features` ternary values
 ROW_BYTES = {
     "own (2-bit)": packed_row_bytes,
