@@ -9,15 +9,10 @@ A unit is a preference pair: with loss_reduction=mean (the default here, as in T
 the gradient of the mean pair loss over the global batch. Chosen and rejected replies of a
 micro-batch go through the model as one batch; only the reply's tokens count in the log-probs.
 
-dpo_rpo_alpha > 0 adds alpha times the NLL of the chosen reply (per token) to each pair's loss:
-RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"); in TRL, `rpo_alpha`, since
-1.x loss_type=["sigmoid", "sft"] with loss_weights=[1, alpha]. The sigmoid loss only sees the gap
-between chosen and rejected, so it can lower both. On the quickstart, at an LR large enough to
-move ternary weights, beta 0.1 kept pushing near misses down until greedy replies broke (task
-accuracy 0.23 -> 0.14); beta 1 lets the loss saturate at a margin of a few nats, not tens, and
-keeps it (0.23 -> 0.22), and the NLL term lifts it (0.34).
-TRL averages the NLL over all chosen tokens of the batch, we over each reply's tokens and then
-over pairs (our unit): the same when the chosen replies are equally long.
+rpo_alpha > 0 adds alpha times the NLL of the chosen reply (per token) to each pair's loss: RPO
+(Pang et al. 2024, "Iterative Reasoning Preference Optimization"), since the sigmoid loss only
+sees the gap between chosen and rejected and can lower both. The formulas, TRL's equivalent and
+the quickstart's measurements behind its beta, LR and alpha: docs/dpo.md.
 """
 import copy
 
