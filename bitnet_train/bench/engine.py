@@ -1,4 +1,5 @@
-"""End-to-end engine benchmark: prefill and decode tokens/s of a 2B4T-shaped model.
+"""End-to-end engine benchmark: prefill and decode tokens/s of a 2B4T-shaped model, optionally
+against llama.cpp on the same weights in the same run.
 
 The model has 2B4T's shapes (hidden 2560, FFN 6912, 30 layers, 20/5 heads, vocab 128256, tied
 embedding) and random ternary weights packed directly in memory, so no 2B4T training is needed:
@@ -7,16 +8,31 @@ the kernels' speed does not depend on the code values.
 Decode is memory-bound, so beside tokens/s the table gives the bytes each token reads (every
 packed weight plus the head), the bandwidth that implies, and the read bandwidth of this machine
 measured in the same run: the ratio is what to compare across loaded and idle runs. The head is
-timed in each storage type (`head_dtype`), with the logit error it adds against the fp32 head.
+timed in each storage type (`head_dtype`), with the logit error and greedy agreement it gives
+against the fp32 head.
 
-    bitnet-train bench engine [--threads 2] [--prompt 128] [--decode 32] [--heads fp32,bf16,int8]
+`--baseline llama.cpp` (needs `pip install -e .[bench]`, i.e. llama-cpp-python) writes the same
+random model as a TQ2_0 GGUF (the packed codes are TQ2_0's layout already; fp16 block scale 1/s),
+with its tied head in each of `--llama-heads` (f16, and q6_k made by llama.cpp's own quantizer),
+and times it through llama-cpp-python between our runs: every round runs every engine once, in a
+rotated order, and the table gives the median and the range over rounds, and our/llama.cpp
+ratios paired round by round. llama.cpp's bitnet graph uses a SiLU FFN where ours uses ReLU²
+(docs/formats.md): the same work per token, so the speeds compare, the outputs do not.
+
+    bitnet-train bench engine [--threads 2] [--prompt 128] [--decode 32] [--heads fp32,bf16,int8,int4,ternary]
+                              [--rounds 3] [--baseline llama.cpp] [--llama-heads f16,q6_k]
 """
 import argparse
 import os
 import statistics
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from ..engine import Engine
@@ -77,30 +93,24 @@ def read_gbs(nbytes: int = 1 << 30, reps: int = 7) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
+def layer_bytes(engine: Engine) -> int:
+    return sum(lin.qweight.numel() for layer in engine.weights.layers
+               for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+
+
+# ---------------------------------------------------------------------- one generation per engine
+
+
 @dataclass
-class EngineResult:
-    head_dtype: str
-    prefill_tok_s: float
-    decode_tok_s: float
-    head_ms: float  # the head alone, one token
-    bytes_per_token: int  # weights read per decoded token (packed layers + head)
-    logits_rel_error: float  # max |logits - fp32-head logits| / max |fp32-head logits|
-    greedy_agreement: float  # share of decode steps whose argmax equals the fp32 head's
-
-    @property
-    def decode_gbs(self) -> float:
-        return self.bytes_per_token * self.decode_tok_s / 1e9
+class Generation:
+    prefill_s: float
+    decode_s: float
+    first_logits: torch.Tensor | None  # the prompt's last-position logits (ours only)
+    tokens: list[int]
 
 
-def weight_bytes(engine: Engine) -> int:
-    layers = sum(lin.qweight.numel() for layer in engine.weights.layers
-                 for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
-    head = engine.weights.head.weight
-    return layers + head.numel() * head.element_size()
-
-
-def run_once(engine: Engine, prompt: torch.Tensor, decode: int) -> tuple[float, float, torch.Tensor, list[int]]:
-    """(prefill seconds, decode seconds, prefill logits, greedy tokens) of one generation."""
+def run_ours(engine: Engine, head: Head, prompt: torch.Tensor, decode: int) -> Generation:
+    engine.weights.head = head
     cache = engine.new_cache(1, prompt.shape[1] + decode)
     t0 = time.perf_counter()
     logits = engine.forward(prompt, cache, logits_to_keep=1)
@@ -109,56 +119,220 @@ def run_once(engine: Engine, prompt: torch.Tensor, decode: int) -> tuple[float, 
     for _ in range(decode):
         tokens.append(int(logits[0, -1].argmax()))
         logits = engine.forward(torch.tensor([[tokens[-1]]]), cache)
-    return t1 - t0, time.perf_counter() - t1, first, tokens
+    return Generation(t1 - t0, time.perf_counter() - t1, first, tokens)
 
 
-def bench_head(engine: Engine, embed: torch.Tensor, head_dtype: str, prompt, decode: int, reps: int,
-               reference: tuple[torch.Tensor, list[int]] | None) -> tuple[EngineResult, torch.Tensor, list[int]]:
-    engine.weights.head = Head.from_float(embed, head_dtype)
-    runs = [run_once(engine, prompt, decode) for _ in range(reps + 1)][1:]  # the first warms up
-    prefill_s = statistics.median(r[0] for r in runs)
-    decode_s = statistics.median(r[1] for r in runs)
-    _, _, logits, tokens = runs[0]
-    h = torch.randn(1, engine.config.hidden_size)
-    head = engine.weights.head
+@dataclass
+class Runner:
+    engine: str  # "ours" or "llama.cpp"
+    head: str
+    bytes_per_token: int  # weights read per decoded token (packed layers + head)
+    generate: Callable[[torch.Tensor, int], Generation]
+    head_ms: float = float("nan")  # the head alone, one token (ours only)
+    logits_rel_error: float = float("nan")  # max |logits - fp32-head logits| / max |fp32-head logits|
+    greedy_agreement: float = float("nan")  # decode steps equal to the fp32 head's, up to the first difference
+    runs: list[Generation] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine} {self.head}"
+
+    def decode_tok_s(self, decode: int) -> list[float]:
+        return [decode / g.decode_s for g in self.runs]
+
+    def prefill_tok_s(self, prompt: int) -> list[float]:
+        return [prompt / g.prefill_s for g in self.runs]
+
+
+def time_head(head: Head, hidden: int, reps: int = 5) -> float:
+    h = torch.randn(1, hidden)
     head(h)
     t0 = time.perf_counter()
-    for _ in range(5):
+    for _ in range(reps):
         head(h)
-    head_ms = (time.perf_counter() - t0) / 5 * 1e3
-    if reference is None:
-        err, agree = 0.0, 1.0
-    else:
-        ref_logits, ref_tokens = reference
-        err = float((logits - ref_logits).abs().max() / ref_logits.abs().max())
-        # Compare the first decode steps only up to the first disagreement: after it the
-        # sequences differ and later steps are not comparable.
-        same = next((k for k, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))
-        agree = same / len(tokens)
-    result = EngineResult(head_dtype, prompt.shape[1] / prefill_s, decode / decode_s, head_ms,
-                          weight_bytes(engine), err, agree)
-    return result, logits, tokens
+    return (time.perf_counter() - t0) / reps * 1e3
 
 
-def format_table(results: list[EngineResult], threads: int, read_gbs: float, prompt: int, decode: int) -> str:
-    load = os.getloadavg()
+def our_runners(engine: Engine, embed: torch.Tensor, heads: list[str], prompt: torch.Tensor,
+                decode: int) -> list[Runner]:
+    """A runner per head, with its error and greedy agreement against the fp32 head (untimed runs)."""
+    layers = layer_bytes(engine)
+    reference = run_ours(engine, Head.from_float(embed, "fp32"), prompt, decode)
+    runners = []
+    for dtype in heads:
+        head = Head.from_float(embed, dtype)
+        check = run_ours(engine, head, prompt, decode)
+        same = next((k for k, (a, b) in enumerate(zip(check.tokens, reference.tokens)) if a != b), decode)
+        ref = reference.first_logits
+        runners.append(Runner(
+            "ours", dtype, layers + head.nbytes,
+            lambda p, d, head=head: run_ours(engine, head, p, d),
+            head_ms=time_head(head, engine.config.hidden_size),
+            logits_rel_error=float((check.first_logits - ref).abs().max() / ref.abs().max()),
+            greedy_agreement=same / decode,
+        ))
+    return runners
+
+
+# ---------------------------------------------------------------------- llama.cpp on the same weights
+
+
+LLAMA_HEADS = ("f16", "q6_k")
+
+
+def write_tq2_gguf(engine: Engine, embed: torch.Tensor, path: Path) -> None:
+    """The engine's random model as a llama.cpp `bitnet` GGUF: TQ2_0 layers, an F16 tied head, no vocabulary.
+
+    A TQ2_0 block (256 values) is two of our packed 128-value blocks, byte for byte (ggml-common.h
+    and docs/formats.md store value 32 i + j of a 128-chunk in bits 2i of byte j, as t + 1), followed
+    by its fp16 scale: here 1/s, the same for every block of a tensor.
+    """
+    import gguf
+
+    from ..export import gguf_format
+
+    config = engine.config
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.BITNET])
+    # gguf_format writes the architecture keys from a checkpoint; only its config is read.
+    gguf_format.add_architecture(writer, SimpleNamespace(config=config), gguf.GGMLQuantizationType.TQ2_0)
+    writer.add_tokenizer_model("none")  # token ids in, logits out: no text
+    writer.add_tensor(gguf_format.gguf_name("model.embed_tokens.weight"), embed.half().numpy())
+    writer.add_tensor(gguf_format.gguf_name("model.norm.weight"), engine.weights.norm.numpy())
+    for i, layer in enumerate(engine.weights.layers):
+        p = f"model.layers.{i}"
+        for name, norm in (("input_layernorm", layer.input_norm), ("self_attn.attn_sub_norm", layer.attn_sub_norm),
+                           ("post_attention_layernorm", layer.post_norm), ("mlp.ffn_sub_norm", layer.ffn_sub_norm)):
+            writer.add_tensor(gguf_format.gguf_name(f"{p}.{name}.weight"), norm.numpy())
+        fused = [("self_attn", layer.qkv, ATTENTION), ("self_attn", layer.o, ("o_proj",)),
+                 ("mlp", layer.gate_up, GATE_UP), ("mlp", layer.down, ("down_proj",))]
+        for module, lin, names in fused:
+            start = 0
+            for name, rows in zip(names, lin.splits):
+                tq2 = tq2_blocks(lin.qweight[start:start + rows], float(lin.row_scale[start]))
+                writer.add_tensor(gguf_format.gguf_name(f"{p}.{module}.{name}.weight"), tq2,
+                                  raw_dtype=gguf.GGMLQuantizationType.TQ2_0)
+                start += rows
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def tq2_blocks(qweight: torch.Tensor, s: float) -> np.ndarray:
+    """Packed rows (N, K/4), K a multiple of 256, as TQ2_0 blocks (N, K/256 * 66) with scale 1/s."""
+    rows = qweight.shape[0]
+    codes = qweight.numpy().reshape(rows, -1, 64)
+    scale = np.full((rows, codes.shape[1], 1), 1.0 / s, dtype=np.float16).view(np.uint8)
+    return np.concatenate([codes, scale], axis=-1).reshape(rows, -1)
+
+
+def quantize_head(source: Path, target: Path, threads: int) -> None:
+    """llama.cpp's own quantizer: the same TQ2_0 layers (copied), the tied head as Q6_K."""
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_TQ2_0
+    params.token_embedding_type = llama_cpp.GGML_TYPE_Q6_K
+    params.nthread = threads
+    with suppress_stdout_stderr(disable=False):
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if failed:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to a Q6_K head (error {failed})")
+
+
+def llama_generate(llm, prompt: torch.Tensor, decode: int) -> Generation:
+    import llama_cpp
+
+    vocab = llm.n_vocab()
+
+    def argmax() -> int:
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).argmax())
+
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt[0].tolist())
+    t1 = time.perf_counter()
+    tokens = []
+    for _ in range(decode):
+        tokens.append(argmax())
+        llm.eval([tokens[-1]])
+    return Generation(t1 - t0, time.perf_counter() - t1, None, tokens)
+
+
+def llama_runners(engine: Engine, embed: torch.Tensor, heads: list[str], workdir: Path, prompt: int, decode: int,
+                  threads: int) -> list[Runner]:
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise SystemExit(f"--baseline llama.cpp needs llama-cpp-python ({e}): pip install -e .[bench]") from e
+    f16 = workdir / "tq2_f16.gguf"
+    write_tq2_gguf(engine, embed, f16)
+    files = {"f16": f16}
+    if "q6_k" in heads:
+        files["q6_k"] = workdir / "tq2_q6_k.gguf"
+        quantize_head(f16, files["q6_k"], threads)
+    head_bytes = {"f16": embed.numel() * 2, "q6_k": embed.numel() * 210 // 256}  # Q6_K: 210 bytes per 256
+    layers = layer_bytes(engine) * 66 // 64  # a 2-byte scale per 64 bytes of codes
+    runners = []
+    for head in heads:
+        llm = llama_cpp.Llama(str(files[head]), n_ctx=prompt + decode, n_batch=prompt, n_ubatch=prompt,
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        runners.append(Runner("llama.cpp", head, layers + head_bytes[head],
+                              lambda p, d, llm=llm: llama_generate(llm, p, d)))
+    return runners
+
+
+# ---------------------------------------------------------------------- rounds and the report
+
+
+def run_rounds(runners: list[Runner], prompt: torch.Tensor, decode: int, rounds: int) -> None:
+    """One warm-up each, then `rounds` rounds of one generation per runner, the order rotated each round."""
+    for r in runners:
+        r.generate(prompt, decode)
+    for k in range(rounds):
+        for r in runners[k % len(runners):] + runners[:k % len(runners)]:
+            r.runs.append(r.generate(prompt, decode))
+
+
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def format_table(runners: list[Runner], threads: int, bandwidth: tuple[float, float], prompt: int, decode: int,
+                 load: tuple[float, ...]) -> str:
+    gbs = sum(bandwidth) / 2
     lines = [
         f"CPU: {cpu_model()}, {threads} threads, kernels {cpu.backend()}; load average "
-        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min); read bandwidth measured now: "
-        f"{read_gbs:.1f} GB/s.",
-        f"2B4T shape, random ternary weights; prefill {prompt} tokens, then {decode} greedy decode steps "
-        "(medians of runs).",
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min, at the start); read bandwidth measured "
+        f"before / after: {bandwidth[0]:.1f} / {bandwidth[1]:.1f} GB/s.",
+        f"2B4T shape, random ternary weights; prefill {prompt} tokens, then {decode} greedy decode steps; "
+        f"{len(runners[0].runs)} interleaved rounds: median (min-max).",
         "",
-        "| head | prefill tok/s | decode tok/s | head alone (ms/token) | bytes/token (GB) | decode GB/s | "
+        "| engine | head | prefill tok/s | decode tok/s | head alone (ms/token) | bytes/token (GB) | decode GB/s | "
         "% of read BW | logits rel. error vs fp32 head | greedy steps equal to fp32 head |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
+    for r in runners:
+        tok_s = statistics.median(r.decode_tok_s(decode))
+        achieved = r.bytes_per_token * tok_s / 1e9
+        ours = r.engine == "ours"
         lines.append(
-            f"| {r.head_dtype} | {r.prefill_tok_s:.1f} | {r.decode_tok_s:.2f} | {r.head_ms:.1f} | "
-            f"{r.bytes_per_token / 1e9:.3f} | {r.decode_gbs:.1f} | {100 * r.decode_gbs / read_gbs:.0f}% | "
-            f"{r.logits_rel_error:.2e} | {100 * r.greedy_agreement:.0f}% |"
-        )
+            f"| {r.engine} | {r.head} | {spread(r.prefill_tok_s(prompt))} | {spread(r.decode_tok_s(decode), '.2f')} | "
+            f"{f'{r.head_ms:.1f}' if ours else '-'} | {r.bytes_per_token / 1e9:.3f} | {achieved:.1f} | "
+            f"{100 * achieved / gbs:.0f}% | {f'{r.logits_rel_error:.2e}' if ours else '-'} | "
+            f"{f'{100 * r.greedy_agreement:.0f}%' if ours else '-'} |")
+    theirs = [r for r in runners if r.engine == "llama.cpp"]
+    if theirs:
+        lines += ["", "Ours / llama.cpp, paired round by round: median (min-max).", "",
+                  "| ours head | llama.cpp head | decode ratio | prefill ratio |", "|---|---|---:|---:|"]
+        for ours in (r for r in runners if r.engine == "ours"):
+            for other in theirs:
+                dec = [a / b for a, b in zip(ours.decode_tok_s(decode), other.decode_tok_s(decode))]
+                pre = [a / b for a, b in zip(ours.prefill_tok_s(prompt), other.prefill_tok_s(prompt))]
+                lines.append(f"| {ours.head} | {other.head} | {spread(dec, '.2f')}x | {spread(pre, '.2f')}x |")
     return "\n".join(lines)
 
 
@@ -168,22 +342,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=128, help="prefill length")
     p.add_argument("--decode", type=int, default=32, help="decode steps")
-    p.add_argument("--reps", type=int, default=3, help="timed generations per head (after one warm-up)")
-    p.add_argument("--heads", default=",".join(HEAD_DTYPES), help="head storage types to time")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timed generations per engine (after a warm-up)")
+    p.add_argument("--heads", default=",".join(HEAD_DTYPES), help="our head storage types to time")
+    p.add_argument("--baseline", choices=["llama.cpp"], help="also time llama.cpp on the same weights")
+    p.add_argument("--llama-heads", default=",".join(LLAMA_HEADS), help="llama.cpp head types (f16, q6_k)")
     p.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick look")
     args = p.parse_args(argv or [])
     heads = [h.strip() for h in args.heads.split(",")]
+    llama_heads = [h.strip() for h in args.llama_heads.split(",")]
+    for name, chosen, known in (("--heads", heads, HEAD_DTYPES), ("--llama-heads", llama_heads, LLAMA_HEADS)):
+        if not set(chosen) <= set(known):
+            p.error(f"{name}: unknown {sorted(set(chosen) - set(known))}; choose from {', '.join(known)}")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    load = os.getloadavg()
     cpu.set_num_threads(args.threads)
     engine, embed = random_2b4t(**({"num_hidden_layers": args.layers} if args.layers else {}))
     prompt = torch.randint(0, engine.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
-    bandwidth = read_gbs()
-    results, reference = [], None
-    for head_dtype in ["fp32", *[h for h in heads if h != "fp32"]]:  # fp32 first: the reference
-        result, logits, tokens = bench_head(engine, embed, head_dtype, prompt, args.decode, args.reps, reference)
-        reference = reference or (logits, tokens)
-        if head_dtype in heads:
-            results.append(result)
-    print(format_table(results, args.threads, bandwidth, args.prompt, args.decode))
+    runners = our_runners(engine, embed, heads, prompt, args.decode)
+    with tempfile.TemporaryDirectory(prefix="bench_engine_") as workdir:
+        if args.baseline:
+            runners += llama_runners(engine, embed, llama_heads, Path(workdir), args.prompt, args.decode, args.threads)
+        before = read_gbs()
+        run_rounds(runners, prompt, args.decode, args.rounds)
+        after = read_gbs()
+    print(format_table(runners, args.threads, (before, after), args.prompt, args.decode, load))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""The engine benchmark's machinery (not its speed): the llama.cpp baseline gets the same weights,
+and the report pairs rounds. Runs on a small model of 2B4T's kind."""
+import importlib.util
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from bitnet_train.bench import engine as bench
+from bitnet_train.export import gguf_format
+from bitnet_train.ternary_layout import unpack_ternary
+
+SMALL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1000)  # every in_features a multiple of TQ2_0's 256
+needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                 reason="llama-cpp-python is not installed (pip install -e .[bench])")
+
+
+@pytest.fixture(scope="module")
+def small():
+    return bench.random_2b4t(**SMALL)
+
+
+def test_tq2_blocks_are_our_codes_with_scale_one_over_s(small):
+    engine, _ = small
+    down = engine.weights.layers[0].down
+    s = float(down.row_scale[0])
+    blocks = bench.tq2_blocks(down.qweight, s)
+    values = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.TQ2_0)
+    codes = unpack_ternary(down.qweight, down.in_features)
+    assert np.array_equal(values, codes.numpy() * np.float32(np.float16(1 / s)))
+
+
+def test_the_gguf_holds_every_projection_with_its_own_scale(small, tmp_path):
+    engine, embed = small
+    bench.write_tq2_gguf(engine, embed, tmp_path / "m.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    qkv = engine.weights.layers[1].qkv
+    for name, start, rows in (("q_proj", 0, 256), ("k_proj", 256, 128), ("v_proj", 384, 128)):
+        t = tensors[gguf_format.gguf_name(f"model.layers.1.self_attn.{name}.weight")]
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+        codes = unpack_ternary(qkv.qweight[start:start + rows], qkv.in_features).numpy()
+        assert np.array_equal(values, codes * np.float32(np.float16(1 / float(qkv.row_scale[start])))), name
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+
+
+def test_our_runners_measure_error_against_the_fp32_head(small):
+    engine, embed = small
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    fp32, int8 = bench.our_runners(engine, embed, ["fp32", "int8"], prompt, 4)
+    assert fp32.logits_rel_error == 0 and fp32.greedy_agreement == 1
+    assert 0 < int8.logits_rel_error < 2e-2
+    assert int8.bytes_per_token < fp32.bytes_per_token
+
+
+def test_rounds_run_every_engine_and_pair_ratios(small):
+    engine, embed = small
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    runners = bench.our_runners(engine, embed, ["fp32", "int4"], prompt, 3)
+    runners[1].engine = "llama.cpp"  # stands in for the baseline: the pairing is what is tested
+    bench.run_rounds(runners, prompt, 3, rounds=3)
+    assert [len(r.runs) for r in runners] == [3, 3]
+    table = bench.format_table(runners, 1, (10.0, 10.0), 8, 3, (0.0, 0.0, 0.0))
+    assert "| fp32 | int4 |" in table and "3 interleaved rounds" in table
+
+
+@needs_llama
+def test_llama_cpp_runs_the_same_model_with_both_heads(small, tmp_path):
+    engine, embed = small
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    runners = bench.llama_runners(engine, embed, ["f16", "q6_k"], tmp_path, 8, 4, threads=1)
+    for r in runners:
+        generation = r.generate(prompt, 4)
+        assert len(generation.tokens) == 4 and all(0 <= t < 1000 for t in generation.tokens)
+    assert runners[1].bytes_per_token < runners[0].bytes_per_token
