@@ -1,11 +1,16 @@
-"""Training checkpoints: atomic, checksummed, rotated, and exact to resume from.
+"""Training checkpoints and a stage's final weights: atomic, checksummed, rotated, exact to resume.
 
-A checkpoint is a directory `step_NNNNNNNN/` holding the model (safetensors), the optimizer,
-the RNG state, the trainer state (step, data position, counters) and a manifest of SHA-256
-checksums written last. It is built under a temporary name, fsynced, then renamed, so a kill
-at any moment leaves either the previous checkpoints or a complete new one, never half of one.
-Nothing here unpickles arbitrary objects: tensors go through safetensors or
-`torch.load(weights_only=True)`.
+A checkpoint is a directory `step_NNNNNNNN/`, the same in every launch mode (one process, DDP,
+FSDP, DeepSpeed):
+    model.safetensors   the full weights, by parameter name
+    optimizer.pt        the full AdamW state, by parameter name
+    rng.pt              torch's RNG state
+    trainer_state.json  step, data position, counters, the stage's own state
+    manifest.json       SHA-256 of each file above, written last
+Sharded engines gather their parts first (distributed.py), so a run resumes on any rank count.
+The directory is built under a temporary name, fsynced, then renamed, so a kill at any moment
+leaves either the previous checkpoints or a complete new one, never half of one. Nothing here
+unpickles arbitrary objects: tensors go through safetensors or `torch.load(weights_only=True)`.
 """
 import errno
 import hashlib
@@ -16,7 +21,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from .distributed import full_model_state, full_optimizer_state, load_full_state, without_tied_copies
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +63,46 @@ def write_manifest(directory: Path, extra: dict | None = None) -> None:
     fsync_path(directory / MANIFEST)
 
 
-def verify_manifest(directory: Path) -> None:
-    """Raise CheckpointError naming the first missing or corrupt file."""
+def read_manifest(directory: Path) -> dict[str, str]:
+    """File name -> SHA-256, or CheckpointError if the manifest is missing or not one of ours."""
     manifest = directory / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{directory} has no {MANIFEST}: it was not completely written")
-    for name, digest in json.loads(manifest.read_text())["files"].items():
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{manifest} is damaged ({type(e).__name__}: {e})") from e
+    if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+        raise CheckpointError(f"{manifest} is damaged: 'files' is not a map of file names to checksums")
+    return files
+
+
+def verify_manifest(directory: Path) -> None:
+    """Raise CheckpointError naming the first missing or corrupt file."""
+    for name, digest in read_manifest(directory).items():
         path = directory / name
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing (listed in {manifest})")
+            raise CheckpointError(f"{path} is missing (listed in {directory / MANIFEST})")
         if sha256(path) != digest:
-            raise CheckpointError(f"{path} is corrupt: its SHA-256 does not match {manifest}")
+            raise CheckpointError(f"{path} is corrupt: its SHA-256 does not match {directory / MANIFEST}")
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through a Python file: a full disk then surfaces as OSError(ENOSPC); torch's
+    own file writer reports it only as "unexpected pos"."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def disk_full(error: BaseException) -> bool:
+    """ENOSPC, also where a library wraps it (torch.save chains it, safetensors names it)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def atomic_directory(final: Path, fill) -> None:
@@ -73,52 +110,73 @@ def atomic_directory(final: Path, fill) -> None:
     for stale in final.parent.glob(f"{final.name}.tmp-*"):  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         fill(tmp)
         write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_path(final.parent)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
+        if disk_full(e):
             raise CheckpointError(
-                f"no disk space left while writing {final}; free space under {final.parent} "
+                f"the disk is full: no space left while writing {final}; free space under {final.parent} "
                 "(older checkpoints are intact) and run the same command again to resume"
             ) from e
         raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def save_final(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    """The stage's output: a transformers checkpoint directory with the tokenizer beside it.
+    `state_dict`: the full weights of a sharded model (its own parameters hold one shard)."""
+    if state_dict is not None:
+        state_dict = without_tied_copies(model, state_dict)
+
+    def fill(tmp: Path):
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_directory(path, fill)
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int):
+    """The checkpoints of one stage. `save` and `load` are collective: every rank calls them."""
+
+    def __init__(self, directory: Path, keep: int, accelerator: Accelerator):
         self.dir = Path(directory)
         self.keep = max(1, keep)
+        self.acc = accelerator
 
     def remove_partial(self) -> None:
         """Delete temporaries a killed save left behind (they never became checkpoints)."""
-        for tmp in self.dir.glob(f"{PREFIX}*.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        if self.acc.is_main_process:
+            for tmp in self.dir.glob(f"{PREFIX}*.tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
 
     def steps(self) -> list[Path]:
         found = [p for p in self.dir.glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
         return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
-    def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
+    def save(self, step: int, wrapped, optimizer, trainer_state: dict) -> Path:
+        """Gather the full state (every rank), write it on rank 0, rotate old checkpoints."""
+        weights = full_model_state(self.acc, wrapped)
+        optimizer_state = full_optimizer_state(self.acc, wrapped, optimizer)
+
         def fill(tmp: Path):
-            save_model(model, str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+            save_file(without_tied_copies(self.acc.unwrap_model(wrapped), weights), tmp / "model.safetensors")
+            save_torch(optimizer_state, tmp / "optimizer.pt")
+            save_torch({"torch": torch.get_rng_state()}, tmp / "rng.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
 
         path = self.dir / f"{PREFIX}{step:08d}"
-        atomic_directory(path, fill)
-        for old in self.steps()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.acc.is_main_process:
+            atomic_directory(path, fill)
+            for old in self.steps()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
         return path
 
     def latest_valid(self) -> Path | None:
@@ -141,10 +199,11 @@ class Checkpointer:
             )
         return None
 
-    @staticmethod
-    def load(path: Path, model, optimizer) -> dict:
+    def load(self, path: Path, wrapped, optimizer) -> dict:
+        """Every rank reads the full state and keeps its part; returns the trainer state."""
         verify_manifest(path)
-        load_model(model, str(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        weights = load_file(path / "model.safetensors")
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+        load_full_state(self.acc, wrapped, optimizer, weights, optimizer_state)
         torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
         return json.loads((path / "trainer_state.json").read_text())

@@ -5,6 +5,7 @@ the same way, through `AFTER_TRAINING`).
 Re-running the same command resumes: finished stages (their `final/` checkpoint verifies) are
 skipped and an interrupted one continues from its last checkpoint.
 """
+import json
 import logging
 import os
 from dataclasses import asdict
@@ -19,6 +20,7 @@ from .config import ConfigError, RunConfig
 from .data.chat import check_wrong_reply_fraction
 from .data.preflight import check_stage_data
 from .data.tokenizer import load_tokenizer
+from .distributed import mixed_precision
 from .scoring.report import write_report
 from .model_factory import build_model, load_checkpoint_model
 from .schedules import validate as validate_schedule
@@ -59,21 +61,47 @@ def validate_run(cfg: RunConfig) -> None:
             )
 
 
-def guard_output_dir(cfg: RunConfig, out: Path, is_main: bool) -> None:
-    """Refuse to resume a run directory that was started with a different config."""
-    saved = out / "run_config.yaml"
+def guard_output_dir(cfg: RunConfig, out: Path, accelerator: Accelerator) -> None:
+    """Refuse to resume a run directory that was started with a different config.
+
+    One change is allowed: how each stage's global batch (micro_batch_size x grad_accum x ranks)
+    is split. A preempted job that comes back on fewer GPUs resumes with grad_accum raised to keep
+    the global batch, and trains on as before."""
+    saved, saved_batches = out / "run_config.yaml", out / "global_batch.json"
     current = OmegaConf.to_yaml(cfg)
+    batches = {name: cfg.stages[name].micro_batch_size * cfg.stages[name].grad_accum * accelerator.num_processes
+               for name in cfg.pipeline if name in cfg.stages}
+
+    def without_grad_accum(config_yaml: str) -> str:
+        config = OmegaConf.create(config_yaml)
+        for stage in config.stages.values():
+            stage.grad_accum = None
+        return OmegaConf.to_yaml(config)
+
+    def write(path: Path, text: str) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # a kill mid-write must not look like "another config" next time
+
     if saved.exists():
-        if saved.read_text() != current:
-            raise ValueError(
+        before = json.loads(saved_batches.read_text()) if saved_batches.exists() else None
+        if saved.read_text() != current and (before is None or without_grad_accum(saved.read_text())
+                                             != without_grad_accum(current)):
+            raise ConfigError(
                 f"{out} holds a run started with a different config ({saved}); "
                 "use a new output_dir, or delete that directory to start over"
             )
-    elif is_main:
+        for name, n in (before or {}).items():
+            if name in batches and batches[name] != n:
+                raise ConfigError(
+                    f"{out} holds a run whose stage {name} trains on global batches of {n} examples; this launch "
+                    f"gives {batches[name]} (micro_batch_size x grad_accum x {accelerator.num_processes} ranks): "
+                    f"set stages.{name}.grad_accum to keep {n}, or use a new output_dir"
+                )
+    elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = saved.with_suffix(".yaml.tmp")
-        tmp.write_text(current)
-        os.replace(tmp, saved)  # a kill mid-write must not look like "another config" next time
+        write(saved_batches, json.dumps(batches, indent=1))
+        write(saved, current)
 
 
 def stage_done(stage_dir: Path) -> bool:
@@ -90,9 +118,9 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Path]:
         torch.set_num_threads(cfg.runtime.num_threads)
     if cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg))
     out = Path(cfg.output_dir)
-    guard_output_dir(cfg, out, accelerator.is_main_process)
+    guard_output_dir(cfg, out, accelerator)
     tokenizer = load_tokenizer(cfg.tokenizer)
     outputs: dict[str, Path] = {}
     previous = None

@@ -31,7 +31,7 @@ from bitnet_train.model import BitNetTrainConfig, BitNetTrainForCausalLM
 from bitnet_train.model_factory import load_checkpoint_model
 from bitnet_train.ternary_layout import base3_row_bytes, packed_row_bytes, unpack_ternary, unpack_ternary_base3, unpack_ternary_hf
 from bitnet_train.quant import BitLinear, ternarize
-from bitnet_train.trainer import save_final
+from bitnet_train.checkpoint import save_final
 
 # Hidden and intermediate sizes are multiples of 256, GGUF's TQ block.
 ARCH = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,

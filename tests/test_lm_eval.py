@@ -18,7 +18,7 @@ from bitnet_train.engine import Engine, generate  # noqa: E402
 from bitnet_train.export import export  # noqa: E402
 from bitnet_train.scoring.lm_eval_adapter import BitNetTrainLM  # noqa: E402  (registers "bitnet-train")
 from bitnet_train.model import BitNetTrainConfig, BitNetTrainForCausalLM  # noqa: E402
-from bitnet_train.trainer import save_final  # noqa: E402
+from bitnet_train.checkpoint import save_final  # noqa: E402
 
 QUESTIONS = [
     {"question": "The opposite of true is", "choices": ["False", "True", "None"], "answer": 0},

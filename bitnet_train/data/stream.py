@@ -3,11 +3,14 @@
 Every optimizer step consumes one global batch of `global_batch` examples, in an order fixed
 by (seed, epoch). Rank r of w takes every w-th micro-batch of it, so 1 rank x 4 micro-batches
 and 2 ranks x 2 micro-batches see exactly the same examples per step. The position is two
-integers, saved in every checkpoint, which makes resuming exact.
+integers, saved in every checkpoint with the global batch size and nothing about its split, which
+makes resuming exact on any number of ranks and micro-batches that keeps the global batch.
 """
 from dataclasses import asdict, dataclass
 
 import torch
+
+from ..config import ConfigError
 
 
 @dataclass
@@ -52,7 +55,15 @@ class BatchStream:
         return [micro[i] for i in range(rank, len(micro), self.world)]
 
     def state_dict(self) -> dict:
-        return asdict(self.pos)
+        return {**asdict(self.pos), "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        saved = state.pop("global_batch", self.global_batch)  # absent in checkpoints before it was saved
+        if saved != self.global_batch:
+            raise ConfigError(
+                f"the checkpoint was trained on global batches of {saved} examples, this run has {self.global_batch} "
+                f"(micro_batch_size {self.micro} x grad_accum {self.accum} x {self.world} ranks); set grad_accum so "
+                f"that the global batch is {saved} again"
+            )
         self.pos = StreamPosition(**state)

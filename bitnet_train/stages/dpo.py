@@ -22,7 +22,7 @@ from ..config import StageConfig
 from ..data.chat import collate, encode_pairs, preference_splits, require_assistant_mask
 from ..data.sources import require_seq_len_fits
 from ..losses import IGNORE, dpo_sigmoid_loss, sequence_logps
-from ..trainer import LossOutput
+from .base import LossOutput
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -83,6 +83,3 @@ class DPOStage:
             loss_sum = loss_sum + self.rpo_alpha * nll
             metrics["nll/chosen"] = nll.detach()
         return LossOutput(loss_sum, len(policy_chosen), metrics)
-
-    def final_metrics(self, model) -> dict:
-        return {}

@@ -7,7 +7,7 @@ from ..data.builtin_text import builtin_documents, split_every_nth
 from ..data.token_blocks import pack_documents
 from ..data.sources import keep_valid_rows, load_splits, require_seq_len_fits
 from ..losses import next_token_loss_sum
-from ..trainer import LossOutput
+from .base import LossOutput
 
 
 def builtin_text(cfg: StageConfig) -> DatasetDict:
@@ -47,6 +47,3 @@ class PretrainStage:
         ids = batch["input_ids"].to(next(model.parameters()).device)
         loss_sum, n = next_token_loss_sum(model(ids).logits, ids)
         return LossOutput(loss_sum, n)
-
-    def final_metrics(self, model) -> dict:
-        return {}

@@ -24,7 +24,7 @@ from ..config import StageConfig
 from ..data.chat import chat_splits, collate, encode_conversations, require_assistant_mask
 from ..data.sources import require_seq_len_fits
 from ..losses import IGNORE, next_token_loss_sum
-from ..trainer import LossOutput
+from .base import LossOutput
 
 
 class SFTStage:
@@ -53,6 +53,3 @@ class SFTStage:
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         loss_sum, n = next_token_loss_sum(model(ids).logits, labels)
         return LossOutput(loss_sum, n)
-
-    def final_metrics(self, model) -> dict:
-        return {}
