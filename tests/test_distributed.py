@@ -55,7 +55,8 @@ def launch_two_ranks(tmp: Path, runs: list[list[str]], config: str | None = None
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"num_processes": 2, "audit_root": str(tmp / "runs"), "audit_out": str(tmp / "audit"),
                                 "runs": runs, "backend": backend}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     if config is None:
         # Measured on this accelerate (docs/launch.md): `--cpu` or a MULTI_CPU config silently start
         # ONE process per rank; ACCELERATE_USE_CPU=1 with --multi_gpu gives two gloo ranks.
@@ -74,24 +75,42 @@ def run_one_rank(overrides: list[str]) -> None:
     run_pipeline(compose_config(overrides))
 
 
-def copy_checkpoint(src_run: Path, dst_run: Path) -> None:
-    """A run directory holding only another run's step-2 checkpoint: resuming continues from it."""
-    shutil.copytree(src_run / CHECKPOINT_2, dst_run / CHECKPOINT_2)
+def cut_back_to_step_2(run: Path) -> None:
+    """What a kill right after the step-2 checkpoint leaves: later checkpoints and final/ gone."""
+    stage = run / "pretrain"
+    shutil.rmtree(stage / "final")
+    for ckpt in (stage / "checkpoints").iterdir():
+        if ckpt.name != "step_00000002":
+            shutil.rmtree(ckpt)
+
+
+def step_2_written_at(run: Path) -> int:
+    return (run / CHECKPOINT_2 / "manifest.json").stat().st_mtime_ns
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
+    """Besides the 1-rank/2-rank pairs: a 1-rank run cut back to step 2 and resumed in place on
+    2 ranks, and a 2-rank run cut back and resumed on 1, each with grad_accum changed so that
+    the global batch stays (the run directory's guard allows exactly that change)."""
     tmp = tmp_path_factory.mktemp("dist")
     r = tmp / "runs"
-    run_one_rank([*BASE, *ONE_RANK, "pipeline=[pretrain]", f"output_dir={r / 'one'}"])
-    copy_checkpoint(r / "one", r / "one_then_two")
+    pretrain_one = [*BASE, *ONE_RANK, "pipeline=[pretrain]"]
+    pretrain_two = [*BASE, *TWO_RANKS, "pipeline=[pretrain]"]
+    run_one_rank([*pretrain_one, f"output_dir={r / 'one'}"])
+    run_one_rank([*pretrain_one, f"output_dir={r / 'one_then_two'}"])
+    cut_back_to_step_2(r / "one_then_two")
+    written = {"one_then_two": step_2_written_at(r / "one_then_two")}
     launch_two_ranks(tmp, [
         [*BASE, *TWO_RANKS, "pipeline=[pretrain,sft,dpo]", "logging.wandb=offline", "logging.plot=true",
          f"output_dir={r / 'two'}"],
-        [*BASE, *TWO_RANKS, "pipeline=[pretrain]", f"output_dir={r / 'one_then_two'}"],
+        [*pretrain_two, f"output_dir={r / 'one_then_two'}"],
+        [*pretrain_two, f"output_dir={r / 'two_then_one'}"],
     ])
-    copy_checkpoint(r / "two", r / "two_then_one")
-    run_one_rank([*BASE, *ONE_RANK, "pipeline=[pretrain]", f"output_dir={r / 'two_then_one'}"])
+    cut_back_to_step_2(r / "two_then_one")
+    written["two_then_one"] = step_2_written_at(r / "two_then_one")
+    run_one_rank([*pretrain_one, f"output_dir={r / 'two_then_one'}"])
+    (tmp / "step_2_written_at.json").write_text(json.dumps(written))
     run_one_rank([*BASE, *ONE_RANK, "pipeline=[sft]", f"stages.sft.init_from={r / 'two' / 'pretrain' / 'final'}",
                   f"output_dir={r / 'sft_one'}"])
     run_one_rank([*BASE, *ONE_RANK, "pipeline=[dpo]", f"stages.dpo.init_from={r / 'two' / 'sft' / 'final'}",
@@ -133,16 +152,31 @@ def test_dpo_gives_the_same_update_on_one_and_two_ranks(runs):
     assert_same_training(runs / "runs/dpo_one/dpo", runs / "runs/two/dpo", [1, 2])
 
 
-def test_checkpoint_saved_on_two_ranks_resumes_on_one(runs):
+def resumed_in_place(runs: Path, name: str) -> bool:
+    """The resumed run kept the step-2 checkpoint it started from (a restart would rewrite it)."""
+    before = json.loads((runs / "step_2_written_at.json").read_text())[name]
+    return step_2_written_at(runs / "runs" / name) == before
+
+
+def test_checkpoint_saved_on_two_ranks_resumes_on_one_with_twice_the_accumulation(runs):
     resumed = runs / "runs/two_then_one/pretrain"
-    assert sorted(curve(resumed, "train/loss")) == [3, 4]  # it did resume, not restart
-    assert_same_training(resumed, runs / "runs/two/pretrain", [3, 4])
+    assert resumed_in_place(runs, "two_then_one")
+    assert sorted(curve(resumed, "train/loss")) == [1, 2, 3, 4]  # the log holds each step once
+    assert_same_training(resumed, runs / "runs/two/pretrain", [1, 2, 3, 4])
 
 
-def test_checkpoint_saved_on_one_rank_resumes_on_two(runs):
+def test_checkpoint_saved_on_one_rank_resumes_on_two_with_half_the_accumulation(runs):
     resumed = runs / "runs/one_then_two/pretrain"
-    assert sorted(curve(resumed, "train/loss")) == [3, 4]
-    assert_same_training(resumed, runs / "runs/one/pretrain", [3, 4])
+    assert resumed_in_place(runs, "one_then_two")
+    assert sorted(curve(resumed, "train/loss")) == [1, 2, 3, 4]
+    assert_same_training(resumed, runs / "runs/one/pretrain", [1, 2, 3, 4])
+
+
+def test_resuming_on_another_rank_count_with_the_same_accumulation_is_refused(runs):
+    """2 ranks x grad_accum 1 resumed on 1 rank halves the global batch: that is another run."""
+    out = runs / "runs/two_then_one"
+    with pytest.raises(ValueError, match="global batches of 16 examples; this launch gives 8"):
+        run_one_rank([*BASE, *TWO_RANKS, "pipeline=[pretrain]", f"output_dir={out}"])
 
 
 def test_only_rank_0_writes_logs_plots_hydra_outputs_and_checkpoints(runs):
@@ -171,12 +205,17 @@ def test_deepspeed_zero2_on_two_ranks_trains_like_one_rank_and_resumes(tmp_path)
     zero2 = [*fp, "stages.pretrain.grad_accum=2"]
     run_one_rank([*fp, "stages.pretrain.grad_accum=4", f"output_dir={r / 'one'}"])
     launch_two_ranks(tmp_path, [[*zero2, f"output_dir={r / 'zero2'}"]], config="deepspeed_zero2", backend="gloo")
-    shutil.copytree(r / "zero2" / CHECKPOINT_2, r / "zero2_resumed" / CHECKPOINT_2)
+    shutil.copytree(r / "zero2", r / "zero2_full")
+    cut_back_to_step_2(r / "zero2")
+    written = step_2_written_at(r / "zero2")
     (tmp_path / "audit").rename(tmp_path / "audit_first")
-    launch_two_ranks(tmp_path, [[*zero2, f"output_dir={r / 'zero2_resumed'}"]], config="deepspeed_zero2",
-                     backend="gloo")
-    shards = list((r / "zero2" / "pretrain/checkpoints/step_00000004/pytorch_model").glob("zero_pp_rank_*_optim_states.pt"))
-    assert len(shards) == 2  # the AdamW states really are split over the two ranks
+    launch_two_ranks(tmp_path, [[*zero2, f"output_dir={r / 'zero2'}"]], config="deepspeed_zero2", backend="gloo")
+    assert_same_training(r / "zero2_full/pretrain", r / "one/pretrain", [1, 2, 3, 4])
+    assert step_2_written_at(r / "zero2") == written  # resumed, not restarted
+    assert_same_training(r / "zero2/pretrain", r / "zero2_full/pretrain", [1, 2, 3, 4])
+    # One checkpoint format for every launch mode: ZeRO-2's step-2 checkpoint resumes on 1 rank
+    # with 4 micro-batches of accumulation, the same global batch.
+    cut_back_to_step_2(r / "zero2")
+    run_one_rank([*fp, "stages.pretrain.grad_accum=4", f"output_dir={r / 'zero2'}"])
+    assert step_2_written_at(r / "zero2") == written
     assert_same_training(r / "zero2/pretrain", r / "one/pretrain", [1, 2, 3, 4])
-    assert sorted(curve(r / "zero2_resumed/pretrain", "train/loss")) == [3, 4]
-    assert_same_training(r / "zero2_resumed/pretrain", r / "zero2/pretrain", [3, 4])
