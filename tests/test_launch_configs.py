@@ -1,14 +1,16 @@
 """launch/ parses as accelerate and DeepSpeed will read it, and names our model's pieces.
 
 FSDP through accelerate does not run on this CPU machine, and DeepSpeed needs an extra and minutes
-of compilation (test_deepspeed_* in test_distributed.py), so here each accelerate config goes
-through accelerate's own launch-time processing: the config file is read and validated as
-`accelerate launch` does, turned into the environment the ranks receive, and the engine plugin
-is built from that environment, which runs accelerate's checks of it.
+of compilation (test_deepspeed_* in test_distributed.py). So the FSDP config goes through the real
+`accelerate launch`, whose rank receives the environment accelerate builds from the file, and the
+FSDP plugin is built from that environment, which runs accelerate's checks of it; the DeepSpeed
+configs (whose launcher needs DeepSpeed installed) are read with accelerate's public config class
+and their plugin built from the values they hold.
 """
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -16,9 +18,8 @@ from unittest import mock
 import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
-from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
-from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
 from bitnet_train import model as model_module
 from bitnet_train.config import compose_config
@@ -39,16 +40,18 @@ CONFIGS = {
 }
 
 
-def launch_env(name: str) -> dict[str, str]:
-    """The environment `accelerate launch --config_file launch/accelerate/NAME.yaml` gives each rank
-    (the steps of accelerate's launch_command, without starting anything)."""
-    args = launch_command_parser().parse_args(["--config_file", str(LAUNCH / "accelerate" / f"{name}.yaml"), "x.py"])
-    args, defaults, mixed_precision_from_config = _validate_launch_command(args)
-    if args.use_deepspeed:
-        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
-        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
-        return prepare_deepspeed_cmd_env(args)[1]
-    return prepare_multi_gpu_env(args)
+def launch_env(name: str, tmp_path: Path) -> dict[str, str]:
+    """What `accelerate launch --config_file launch/accelerate/NAME.yaml` gives a rank: its
+    accelerate and FSDP settings, dumped by a one-line script the launcher starts (one rank)."""
+    dump = tmp_path / "env.json"
+    script = "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
+    (tmp_path / "dump_env.py").write_text(script)
+    subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "accelerate" / f"{name}.yaml"),
+         "--num_processes", "1", str(tmp_path / "dump_env.py"), str(dump)],
+        cwd=ROOT, check=True, capture_output=True, timeout=300,
+    )
+    return {k: v for k, v in json.loads(dump.read_text()).items() if k.startswith(("ACCELERATE_", "FSDP_"))}
 
 
 def tiny_model() -> BitNetTrainForCausalLM:
@@ -61,14 +64,15 @@ def tiny_model() -> BitNetTrainForCausalLM:
 def test_accelerate_config_has_only_known_keys_and_its_mode(name):
     config = ClusterConfig.from_yaml_file(LAUNCH / "accelerate" / f"{name}.yaml")  # unknown keys raise
     assert config.distributed_type == CONFIGS[name]
-    parser_options = {action.dest for action in launch_command_parser()._actions}
+    options = set(vars(launch_command_parser().parse_args(["script.py"])))  # every option, at its default
     for section in ("fsdp_config", "deepspeed_config"):
-        unknown = set(getattr(config, section) or {}) - parser_options
+        unknown = set(getattr(config, section) or {}) - options
         assert not unknown, f"{name}.{section}: accelerate launch has no options {unknown}"
 
 
-def test_fsdp_shards_fully_with_our_decoder_layer_as_the_unit():
-    with mock.patch.dict(os.environ, launch_env("fsdp")):
+@pytest.mark.slow
+def test_fsdp_shards_fully_with_our_decoder_layer_as_the_unit(tmp_path):
+    with mock.patch.dict(os.environ, launch_env("fsdp", tmp_path)):
         plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True  # full shard
     assert plugin.transformer_cls_names_to_wrap == ["DecoderLayer"]
@@ -89,11 +93,12 @@ def test_deepspeed_config_is_accepted_and_leaves_the_batch_to_the_stage(stage):
         assert raw[key] == "auto", f"{json_path}: {key} must be 'auto' (set by the stage config)"
     if stage == 3:  # final/ needs the full weights gathered from the shards
         assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    env = launch_env(name)
-    assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == f"launch/deepspeed/zero{stage}.json"
-    assert (ROOT / env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).is_file()
-    with mock.patch.dict(os.environ, env):
-        plugin = DeepSpeedPlugin()  # accelerate's checks: no setting both here and in the JSON
+    launch = ClusterConfig.from_yaml_file(LAUNCH / "accelerate" / f"{name}.yaml").deepspeed_config
+    assert launch["deepspeed_config_file"] == f"launch/deepspeed/zero{stage}.json"  # relative to the repository
+    # The JSON holds every DeepSpeed setting: the accelerate config adds none that could disagree.
+    assert set(launch) == {"deepspeed_config_file", "zero3_init_flag"}
+    plugin = DeepSpeedPlugin(hf_ds_config=str(ROOT / launch["deepspeed_config_file"]),
+                             zero3_init_flag=launch["zero3_init_flag"])
     assert plugin.zero_stage == stage
 
 
