@@ -4,8 +4,9 @@ scontrol (tests/slurm_stand_ins/) on PATH, 2 "nodes" of 1 CPU rank each, the tin
 A notice (SIGUSR1) sent as `--signal=B:USR1@...` sends it (to the batch shell) or as the plain
 form does (to every process of the job's step) makes both ranks save one step and the job
 requeue itself once; the requeued job (the script again, same ids) resumes and ends with the
-weights of an uninterrupted run, bit for bit. scancel (SIGTERM everywhere, twice) saves and does
-not requeue; REQUEUE=0 turns the requeue off.
+weights of an uninterrupted run, bit for bit. A notice that one node's launcher alone hears stops
+both ranks at one step. scancel (SIGTERM everywhere, twice) saves and does not requeue; REQUEUE=0
+turns the requeue off.
 """
 import json
 import os
@@ -182,11 +183,15 @@ def test_scancel_saves_and_does_not_requeue_even_signalled_twice(tmp_path):
     assert "not requeued (only the notice SIGUSR1 requeues)" in job.output()
 
 
-def test_requeue_off_saves_and_exits_128_plus_the_notice(tmp_path):
+def test_a_notice_one_node_heard_stops_both_and_requeue_off_keeps_the_job_stopped(tmp_path):
     job = Job(tmp_path, {"SLURM_JOB_ID": "614", "REQUEUE": "0"})
     run_dir = tmp_path / "runs" / "bitnet-train-614"
     job.wait_for_training(run_dir)
-    job.proc.send_signal(signal.SIGUSR1)
+    # Node 1's launcher only (as `kill` to one torchrun would): it hands the signal to its rank, and
+    # rank 0, which heard nothing, stops at the same step through should_stop's all-reduce.
+    launcher_1 = next(p for p in job.step_processes() if "accelerate_launch.py" in " ".join(p.cmdline())
+                      and p.cmdline()[p.cmdline().index("--machine_rank") + 1] == "1")
+    launcher_1.send_signal(signal.SIGUSR1)
     assert job.finish() == NOTICE_EXIT, job.output()
     assert_saved_on_stop(job, run_dir)
     assert job.requeues() == []
