@@ -34,10 +34,9 @@ def dpo_sigmoid_loss(
 
     loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), each term a sequence log-prob.
 
-    TRL 1.16 has this loss only inline in `DPOTrainer._compute_loss`, a method that needs a trainer
-    instance and a model returning TRL's fused-head outputs (`log_probs`, `entropy`...), so it
-    cannot be called from our loop. This is the same expression, written in the same order as
-    TRL's, and tests/test_dpo.py checks the two agree. The metrics are TRL's rewards/* ones.
+    TRL 1.x computes the same expression inside `DPOTrainer`, where our loop cannot call it;
+    tests/test_dpo.py checks this one against the closed form (docs/dpo.md). The metrics are
+    TRL's rewards/* ones.
     """
     chosen_logratios = policy_chosen - ref_chosen
     rejected_logratios = policy_rejected - ref_rejected

@@ -1,8 +1,7 @@
-"""DPO: the sigmoid loss (and its RPO term) by hand and against TRL's, a frozen reference, logged reward metrics."""
+"""DPO: the sigmoid loss and its RPO term against their closed forms (docs/dpo.md), a frozen reference,
+logged reward metrics."""
 import json
 import math
-from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,52 +31,23 @@ def test_sigmoid_loss_and_rewards_match_a_hand_computation():
     assert metrics["rewards/accuracies"].item() == 2.0
 
 
-def trl_dpo_loss(beta: float, loss_types=("sigmoid",), loss_weights=(1.0,), reply_tokens: int = 1):
-    """TRL 1.16's own `DPOTrainer._compute_loss`, run on a stand-in trainer and model output that
-    carry exactly the precomputed log-probs above (its losses exist only inside it), each reply's
-    log-prob spread evenly over `reply_tokens` completion tokens."""
-    from trl import DPOTrainer
-
-    n, length = len(POLICY_CHOSEN), reply_tokens + 2
-    per_token = torch.zeros(2 * n, length)
-    per_token[:, :reply_tokens] = torch.cat([POLICY_CHOSEN, POLICY_REJECTED]).unsqueeze(1) / reply_tokens
-    outputs = SimpleNamespace(
-        log_probs=per_token, entropy=torch.zeros(2 * n, length), mean_logits=torch.zeros(2 * n, length),
-        is_top1=torch.zeros(2 * n, length, dtype=torch.bool),
-    )
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), beta=beta, loss_types=list(loss_types), loss_weights=list(loss_weights),
-        f_divergence_type="reverse_kl", precompute_ref_logps=True, ld_alpha=None, use_weighting=False,
-        aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
-        accelerator=SimpleNamespace(device="cpu", gather=lambda t: t, gather_for_metrics=lambda t: t),
-    )
-    completion_mask = torch.zeros(2 * n, length + 1, dtype=torch.long)
-    completion_mask[:, 1:reply_tokens + 1] = 1
-    inputs = {
-        "input_ids": torch.zeros(2 * n, length + 1, dtype=torch.long),
-        "attention_mask": torch.ones(2 * n, length + 1, dtype=torch.long),
-        "completion_mask": completion_mask, "ref_chosen_logps": REF_CHOSEN, "ref_rejected_logps": REF_REJECTED,
-    }
-    loss = DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, return_outputs=False)
-    return loss, {k: v[0] for k, v in trainer._metrics["train"].items()}
+@pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
+def test_sigmoid_loss_and_rewards_match_the_closed_form_on_random_pairs(beta):
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (-10 * torch.rand(16, generator=g, dtype=torch.float64) for _ in range(4))
+    loss_sum, metrics = dpo_sigmoid_loss(pc, pr, rc, rr, beta=beta)
+    rewards = [(beta * (a - c), beta * (b - d)) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
+    # -log sigmoid(r_w - r_l) = log(1 + exp(-(r_w - r_l))), summed over pairs (the stage divides by pairs)
+    assert loss_sum.item() == pytest.approx(sum(math.log1p(math.exp(-(w - l))) for w, l in rewards), rel=1e-12)
+    assert metrics["rewards/chosen"].item() == pytest.approx(sum(w for w, _ in rewards), rel=1e-12)
+    assert metrics["rewards/rejected"].item() == pytest.approx(sum(l for _, l in rewards), rel=1e-12)
+    assert metrics["rewards/margins"].item() == pytest.approx(sum(w - l for w, l in rewards), rel=1e-12)
+    assert metrics["rewards/accuracies"].item() == sum(w > l for w, l in rewards)
 
 
-def test_sigmoid_loss_matches_trl():
-    loss_sum, metrics = dpo_sigmoid_loss(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, beta=0.1)
-    trl_loss, trl_metrics = trl_dpo_loss(beta=0.1)
-    pairs = len(POLICY_CHOSEN)
-    assert loss_sum.item() / pairs == pytest.approx(trl_loss.item(), rel=1e-6)  # TRL averages over pairs
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-        assert metrics[name].item() / pairs == pytest.approx(trl_metrics[name], rel=1e-6), name
-
-
-def test_rpo_loss_matches_trls_sigmoid_plus_sft():
-    # Two tokens per reply, so the NLL is divided by the reply length as TRL's per-token mean is.
-    alpha, tokens = 0.5, 2
-    loss_sum, _ = dpo_sigmoid_loss(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, beta=0.1)
-    loss_sum = loss_sum + alpha * chosen_nll(POLICY_CHOSEN, torch.full_like(POLICY_CHOSEN, tokens))
-    trl_loss, _ = trl_dpo_loss(beta=0.1, loss_types=("sigmoid", "sft"), loss_weights=(1.0, alpha), reply_tokens=tokens)
-    assert loss_sum.item() / len(POLICY_CHOSEN) == pytest.approx(trl_loss.item(), rel=1e-6)
+def test_rpo_term_is_each_chosen_replys_nll_per_token_summed_over_pairs():
+    # RPO: alpha * (-log pi(y_w|x) / |y_w|) per pair; replies of 2 and 3 tokens -> 1.0/2 + 3.0/3
+    assert chosen_nll(POLICY_CHOSEN, torch.tensor([2.0, 3.0])).item() == pytest.approx(1.5)
 
 
 @pytest.fixture(scope="module")
