@@ -1,8 +1,10 @@
 """Stopping a run on a scheduler's notice or a user's signal: finish the step, save, exit 128+signal.
 
-The first stop signal is recorded for the whole process (`listen`, which the CLI calls at start-up,
-so a notice during data loading is not lost) and every later one is logged and ignored: launchers
-and SLURM often send two, and the second must not kill the save.
+The first stop signal is recorded for the whole process and every later one is logged and
+ignored: launchers and SLURM often send two, and the second must not kill the save. The CLI
+listens for the scheduler's signals from start-up (`listen`), so a notice during data loading
+reaches the loop's first step; Ctrl-C outside a training loop, with nothing unsaved, interrupts
+at once as usual.
 """
 import logging
 import signal
@@ -15,6 +17,7 @@ log = logging.getLogger(__name__)
 # SIGUSR1 is the SLURM script's preemption notice (launch/slurm/train.sbatch); SIGTERM and SIGINT
 # are a user's scancel / kill / Ctrl-C, and a scheduler's last word before SIGKILL.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _heard: list[int] = []  # the stop signals this process received, in order
 
@@ -28,9 +31,9 @@ def _record(signum, frame):
     _heard.append(signum)
 
 
-def listen() -> None:
-    """From now until the process exits, stop signals are recorded instead of ending it."""
-    for s in STOP_SIGNALS:
+def listen(signals=SCHEDULER_SIGNALS) -> None:
+    """From now until the process exits, these signals are recorded instead of ending it."""
+    for s in signals:
         signal.signal(s, _record)
 
 
@@ -58,7 +61,7 @@ class StopFlag:
 
     def __enter__(self):
         self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-        listen()
+        listen(STOP_SIGNALS)
         return self
 
     def should_stop(self, accelerator) -> bool:

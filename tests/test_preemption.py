@@ -63,6 +63,14 @@ def test_a_signal_before_the_loop_stops_it_at_its_first_step():
         assert stop.should_stop(ONE_PROCESS) and stop.signum == signal.SIGUSR1
 
 
+def test_ctrl_c_outside_a_training_loop_interrupts_at_once():
+    listen()
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs here
+    assert preemption._heard == []
+
+
 def test_handlers_are_restored_after_a_run_without_signal():
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     with StopFlag():
