@@ -1,6 +1,7 @@
 """Checkpoints: one format, damaged manifests, a full disk, a stage's own state, the run-directory
 guard's rule for a changed rank count, and bf16 through accelerate."""
 import errno
+import os
 import json
 import shutil
 import subprocess
@@ -308,3 +309,37 @@ def test_a_pipeline_whose_stages_mix_precisions_is_refused_before_compute(tmp_pa
     with pytest.raises(ValueError, match=r"mix precisions \['bf16', 'fp32'\]"):
         run_pipeline(cfg)
     assert not (tmp_path / "pretrain").exists()
+
+
+# --- FSDP2: the full state gathered from shards ---------------------------------------------------
+
+@pytest.mark.slow
+def test_an_fsdp2_checkpoint_resumes_exactly_on_two_ranks_and_on_one(tmp_path):
+    """accelerate's FSDP needs GPUs; tests/fsdp_worker.py shards the model with torch's
+    fully_shard on 2 gloo ranks and drives the same Checkpointer."""
+    import fsdp_worker
+    from accelerate import DistributedType
+
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    uninterrupted = load_file(tmp_path / "uninterrupted.safetensors")
+    resumed = load_file(tmp_path / "resumed.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+    # The same checkpoint in one process, unsharded: the same 3rd step.
+    one = SimpleNamespace(distributed_type=DistributedType.NO, is_main_process=True, num_processes=1,
+                          wait_for_everyone=lambda: None, unwrap_model=lambda m: m)
+    torch.manual_seed(1)
+    model = fsdp_worker.BitNetTrainForCausalLM(fsdp_worker.BitNetTrainConfig(**fsdp_worker.ARCH))
+    optimizer = torch.optim.AdamW(fsdp_worker.decay_mask_groups(model), lr=1e-2, weight_decay=0.1)
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=1, accelerator=one)
+    ckpt.load(ckpt.latest_valid(), model, optimizer)
+    fsdp_worker.step(model, optimizer, torch.load(tmp_path / "ids.pt", weights_only=True)[2])
+    for name, value in model.state_dict().items():
+        if name in uninterrupted:
+            torch.testing.assert_close(value, uninterrupted[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
