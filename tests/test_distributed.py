@@ -27,6 +27,9 @@ from bitnet_train.pipeline import run_pipeline
 
 from conftest import TINY
 
+# Every test here launches ranks as separate processes: the slow tier.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["stages.pretrain.max_steps=4", "stages.pretrain.save_every=2", "stages.pretrain.eval_every=2", "stages.pretrain.keep_checkpoints=5",
          "logging.log_every=1"]

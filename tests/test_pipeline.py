@@ -19,6 +19,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_pretrain_sft_dpo_writes_every_checkpoint_and_the_report(tmp_path):
     cfg = compose_config([*TINY, "pipeline=[pretrain,sft,dpo,report]", f"output_dir={tmp_path}"])
     outputs = run_pipeline(cfg)
@@ -40,6 +41,7 @@ def test_pretrain_sft_dpo_writes_every_checkpoint_and_the_report(tmp_path):
         assert evals and all(("val/ppl" in r) == expect_ppl for r in evals)
 
 
+@pytest.mark.slow
 def test_a_stage_starts_from_a_transformers_bitnet_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # transformers' BitNet quantizers compile otherwise
     from transformers import BitNetConfig, BitNetForCausalLM

@@ -71,6 +71,7 @@ def assert_same_run(resumed: Path, baseline: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_rerun_continues_exactly(tmp_path, tiny_overrides, uninterrupted):
     args = run_args(tiny_overrides)
     rng = random.Random(2026)
@@ -116,6 +117,7 @@ def test_after_kill_9_and_rerun_the_metrics_log_equals_the_uninterrupted_runs(tm
     assert read_jsonl(metrics) == read_jsonl(uninterrupted / "pretrain" / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path, tiny_overrides, uninterrupted):
     args = run_args(tiny_overrides, save_every=1000)  # only the signal can cause a mid-run save
     out = tmp_path / "run"

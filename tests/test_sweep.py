@@ -28,6 +28,7 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_sweep_recipe_runs_two_trials_each_in_its_own_directory(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # Two LRs, one drop point: the command line narrows the recipe's 3 x 3 grid.
@@ -98,6 +99,7 @@ def test_submitit_launcher_config_targets_slurm():
     assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
 
 
+@pytest.mark.slow
 def test_optuna_sweeper_minimizes_the_returned_val_loss(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e .[sweeps]")
     sweeper = hydra_node("hydra/sweeper=optuna_val_loss", "recipes=sweep_lr_drop").sweeper
