@@ -169,5 +169,8 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bitnet-train sweep-summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun directory (hydra.sweep.dir)")
     args = parser.parse_args(argv)
-    print(summarize(args.sweep_dir))
+    try:
+        print(summarize(args.sweep_dir))
+    except FileNotFoundError as e:  # a path without runs: the user's, so one line
+        raise SystemExit(f"bitnet-train sweep-summary: {e}") from None
     print(f"summary: {args.sweep_dir / 'sweep_summary.csv'}, {args.sweep_dir / 'sweep_summary.png'}")

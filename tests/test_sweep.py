@@ -84,6 +84,8 @@ def test_score_is_the_last_val_loss_of_the_last_training_stage(tmp_path):
 def test_summary_of_a_directory_without_runs_says_what_it_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="run_config.yaml"):
         summarize(tmp_path)
+    with pytest.raises(SystemExit, match=rf"^bitnet-train sweep-summary: no runs under {tmp_path}"):
+        sweep_summary([str(tmp_path)])
 
 
 def hydra_node(*overrides: str):
