@@ -202,9 +202,21 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = compose_config([f"recipes={args.recipe}"])
     shape = ModelShape.from_config(cfg.model, args.vocab)
-    print(report(shape, args.gpus, args.gpus_per_node, args.micro_batch or cfg.stages["pretrain"].micro_batch_size,
-                 args.seq_len or cfg.stages["pretrain"].data.seq_len, args.tokens, args.days, args.gpu_memory_gb,
-                 args.peak_tflops))
+    stage = cfg.stages[cfg.pipeline[0]]  # the recipe's first (longest) stage: pretrain, or convert
+    micro_batch, seq_len = args.micro_batch or stage.micro_batch_size, args.seq_len or stage.data.seq_len
+    print(report(shape, args.gpus, args.gpus_per_node, micro_batch, seq_len, args.tokens, args.days,
+                 args.gpu_memory_gb, args.peak_tflops))
+    if stage.kind == "convert":
+        print(teacher_memory(shape, micro_batch * seq_len, stage.precision == "bf16"))
+
+
+def teacher_memory(m: ModelShape, tokens: int, bf16: bool) -> str:
+    """A conversion also holds its frozen teacher on every rank (not sharded: it is no engine's
+    model), in the stage's precision, and the teacher's logits with their fp32 log-softmax for the KL."""
+    weights = m.params * (2 if bf16 else 4)
+    logits = tokens * m.vocab * ((2 if bf16 else 4) + 4)
+    return (f"conversion: + frozen teacher {weights / GB:.2f} GB ({'bf16' if bf16 else 'fp32'}, every rank) "
+            f"+ teacher logits {logits / GB:.2f} GB per GPU, on top of every total above")
 
 
 if __name__ == "__main__":

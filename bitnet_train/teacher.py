@@ -51,10 +51,10 @@ def locate(spec: str) -> tuple[Path, str | None]:
     return path, None
 
 
-def load_teacher(spec: str) -> PreTrainedModel:
-    """The teacher in float32, eval mode, frozen."""
+def load_teacher(spec: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The teacher in `dtype`, eval mode, frozen."""
     directory, gguf_file = locate(spec)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
     if model.config.model_type not in SUPPORTED_TEACHERS:
         raise ValueError(
             f"teacher {spec} is a {model.config.model_type!r} model; conversion handles {', '.join(SUPPORTED_TEACHERS)}"
