@@ -1,11 +1,11 @@
-"""The real launch/slurm/train.sbatch on a machine without SLURM: stand-ins for sbatch, srun and
-scontrol (tests/slurm_stand_ins/) on PATH, 2 "nodes" of 1 CPU rank each, the tiny model.
+"""The real launch/slurm/train.sbatch on a machine without SLURM: stand-ins for sbatch, srun,
+scancel and scontrol (tests/slurm_stand_ins/) on PATH, 2 "nodes" of 1 CPU rank each, the tiny model.
 
 A notice (SIGUSR1) sent as `--signal=B:USR1@...` sends it (to the batch shell) or as the plain
 form does (to every process of the job's step) makes both ranks save one step and the job
 requeue itself once; the requeued job (the script again, same ids) resumes and ends with the
 weights of an uninterrupted run, bit for bit. A notice that one node's launcher alone hears stops
-both ranks at one step. scancel (SIGTERM everywhere, twice) saves and does not requeue; REQUEUE=0
+both ranks at one step. `scancel --signal=TERM` (twice) saves and does not requeue; REQUEUE=0
 turns the requeue off.
 """
 import json
@@ -47,9 +47,9 @@ class Job:
         if not (where / "launch").exists():
             (where / "launch").symlink_to(ROOT / "launch")  # the script runs from a repository root
         self.where = where
-        self.calls = where / "scontrol_calls"
+        self.calls = where / "calls"
         self.log = where / f"job-{time.monotonic_ns()}.out"
-        full_env = {
+        self.env = {
             **os.environ,
             "PATH": f"{STAND_INS}:{Path(sys.executable).parent}:{os.environ['PATH']}",
             "ACCELERATE_USE_CPU": "1",  # gloo ranks on the CPU (docs/launch.md)
@@ -58,11 +58,11 @@ class Job:
             "SLURM_NNODES": "2",
             "GPUS_PER_NODE": "1",
             "MAIN_PORT": str(free_port()),
-            "SLURM_STAND_IN_LOG": str(self.calls),
+            "SLURM_STAND_IN_DIR": str(where),
             **env,
         }
         with self.log.open("w") as out:
-            self.proc = subprocess.Popen([str(STAND_INS / "sbatch"), str(SCRIPT), *OVERRIDES], cwd=where, env=full_env,
+            self.proc = subprocess.Popen([str(STAND_INS / "sbatch"), str(SCRIPT), *OVERRIDES], cwd=where, env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_for_training(self, run_dir: Path, timeout: float = 300) -> None:
@@ -89,8 +89,15 @@ class Job:
     def output(self) -> str:
         return self.log.read_text()
 
+    def calls_to(self, command: str) -> list[str]:
+        calls = self.calls.read_text().splitlines() if self.calls.exists() else []
+        return [c for c in calls if c.startswith(command + " ")]
+
     def requeues(self) -> list[str]:
-        return self.calls.read_text().splitlines() if self.calls.exists() else []
+        return self.calls_to("requeue")
+
+    def scancel(self, *args: str) -> None:
+        subprocess.run([str(STAND_INS / "scancel"), *args], env=self.env, check=True)
 
 
 def send(processes, sig) -> None:
@@ -142,6 +149,7 @@ def test_notice_to_the_batch_shell_requeues_an_array_task_that_resumes_bit_for_b
     job.proc.send_signal(signal.SIGUSR1)  # --signal=B:USR1@300: the batch shell only
     assert job.finish() == 0, job.output()
     step = assert_saved_on_stop(job, run_dir)
+    assert job.calls_to("scancel") == ["scancel --signal=USR1 507"]  # the shell handed it to the steps
     assert job.requeues() == ["requeue 500_7"]
     assert "requeued job 500_7, which resumes from runs/long_7; exit 0" in job.output()
 
@@ -169,14 +177,13 @@ def test_notice_to_the_steps_reaches_every_rank_and_requeues(tmp_path):
     assert "train.sbatch: SIGUSR1 received" not in job.output()  # the shell heard nothing itself
 
 
-def test_scancel_saves_and_does_not_requeue_even_signalled_twice(tmp_path):
+def test_scancel_signal_term_saves_and_does_not_requeue_even_sent_twice(tmp_path):
     job = Job(tmp_path, {"SLURM_JOB_ID": "613"})
     run_dir = tmp_path / "runs" / "bitnet-train-613"
     job.wait_for_training(run_dir)
-    everything = [psutil.Process(job.proc.pid), *psutil.Process(job.proc.pid).children(recursive=True)]
-    send(everything, signal.SIGTERM)  # scancel: the batch shell and every step
+    job.scancel("--signal=TERM", "613")
     time.sleep(0.5)
-    send(everything, signal.SIGTERM)  # a second one, as launchers and SLURM often send
+    job.scancel("--signal=TERM", "613")  # a second one, as launchers and SLURM often send
     assert job.finish() == SCANCEL_EXIT, job.output()
     assert_saved_on_stop(job, run_dir)
     assert job.requeues() == []
