@@ -129,3 +129,27 @@ def test_our_checkpoint_loads_in_transformers_bitnet(tmp_path):
     theirs = BitNetForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 96, (1, 7))
     torch.testing.assert_close(theirs(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_choices_give_llamas_parameter_names_and_its_full_precision_forward():
+    """silu, no sub-norms: transformers' Llama, every projection a BitLinear (conversion's student)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    theirs = LlamaForCausalLM(LlamaConfig(**ARCH, tie_word_embeddings=True, rms_norm_eps=1e-5)).eval()
+    ours = tiny(quantize=False, hidden_act="silu", sub_norms=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())
+    ids = torch.randint(0, 96, (2, 20))
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_bias_gives_qwen2s_biases_on_q_k_v_only():
+    names = {n for n, _ in tiny(qkv_bias=True, sub_norms=False).named_parameters() if n.endswith(".bias")}
+    assert names == {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(2) for p in "qkv"}
+
+
+def test_an_unknown_activation_is_named():
+    with pytest.raises(Exception, match="hidden_act='gelu'"):
+        tiny(hidden_act="gelu")
