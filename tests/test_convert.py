@@ -228,13 +228,16 @@ def test_a_warmup_as_long_as_the_stage_is_refused(teacher_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_runs_on_the_converted_model(teacher_dir, tmp_path):
-    overrides = convert_overrides(teacher_dir, tmp_path, "then_sft", "pipeline=[convert,sft]",
+def test_sft_and_dpo_run_on_the_converted_model(teacher_dir, tmp_path):
+    overrides = convert_overrides(teacher_dir, tmp_path, "then_sft", "pipeline=[convert,sft,dpo]",
                                   "stages.sft.max_steps=2", "stages.sft.micro_batch_size=4",
-                                  "stages.sft.data.seq_len=96", "stages.sft.eval_batches=1")
+                                  "stages.sft.data.seq_len=96", "stages.sft.eval_batches=1",
+                                  "stages.dpo.max_steps=2", "stages.dpo.micro_batch_size=2",
+                                  "stages.dpo.data.seq_len=96", "stages.dpo.eval_batches=1")
     outputs = run_pipeline(compose_config(overrides))
-    model = load_checkpoint_model(outputs["sft"], quantize=True)
-    assert model.config.hidden_act == "silu"
+    for stage in ("sft", "dpo"):
+        model = load_checkpoint_model(outputs[stage], quantize=True)
+        assert model.config.hidden_act == "silu" and not model.config.sub_norms
 
 
 # ---------------------------------------------------------------- exports of converted models
