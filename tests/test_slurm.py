@@ -26,8 +26,8 @@ from conftest import TINY
 ROOT = Path(__file__).resolve().parent.parent
 STAND_INS = ROOT / "tests" / "slurm_stand_ins"
 SCRIPT = ROOT / "launch" / "slurm" / "train.sbatch"
-MAX_STEPS = 100
-OVERRIDES = [*TINY, f"stages.pretrain.max_steps={MAX_STEPS}", "stages.pretrain.save_every=50", "logging.log_every=1"]
+MAX_STEPS = 40
+OVERRIDES = [*TINY, f"stages.pretrain.max_steps={MAX_STEPS}", "stages.pretrain.save_every=20", "logging.log_every=1"]
 NOTICE_EXIT, SCANCEL_EXIT = 128 + signal.SIGUSR1, 128 + signal.SIGTERM
 
 pytestmark = pytest.mark.slow
