@@ -1,20 +1,18 @@
-"""Pretraining: next-token prediction on packed text."""
+"""Pretraining: next-token prediction on packed text.
+
+The corpus is tokenized once into a memory-mapped cache (data/token_cache.py) and a batch is a
+few seq_len blocks sliced from it, so memory does not grow with the corpus and every rank reads
+only the blocks of its own micro-batches.
+"""
 import torch
-from datasets import DatasetDict
 
 from ..config import StageConfig
-from ..data.builtin_text import builtin_documents, split_every_nth
-from ..data.token_blocks import pack_documents
-from ..data.sources import keep_valid_rows, load_splits, require_seq_len_fits
+from ..data.corpus import open_corpus
+from ..data.sources import DataError, require_seq_len_fits
+from ..data.token_blocks import TokenBlocks
+from ..data.token_cache import SPLITS, TokenCache, cache_root, open_token_cache
 from ..losses import next_token_loss_sum
 from .base import LossOutput
-
-
-def builtin_text(cfg: StageConfig) -> DatasetDict:
-    from datasets import Dataset
-
-    train, val = split_every_nth(builtin_documents(), cfg.data.validation_fraction)
-    return DatasetDict(train=Dataset.from_dict({"text": train}), validation=Dataset.from_dict({"text": val}))
 
 
 class PretrainStage:
@@ -23,16 +21,10 @@ class PretrainStage:
 
     def __init__(self, cfg: StageConfig, tokenizer, seed: int, max_seq_len: int):
         require_seq_len_fits("pretrain", cfg.data.seq_len, max_seq_len)
-        field = cfg.data.text_field
-        splits = load_splits(cfg.data, builtin_text(cfg))
-        self.blocks = {}
-        for split, ds in splits.items():
-            ds = keep_valid_rows(
-                ds, lambda row: isinstance(row.get(field), str) and row[field].strip() != "",
-                f"a non-empty text field {field!r}", cfg.data,
-            )
-            ids = tokenizer(list(ds[field]), add_special_tokens=False)["input_ids"]
-            self.blocks[split] = pack_documents(ids, cfg.data.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        corpus = open_corpus(cfg.data, cache_root(cfg.data) / "file_hashes")
+        cache = open_token_cache(cfg.data, tokenizer, corpus)
+        require_one_sequence_per_split(cache, cfg.data.seq_len, cfg.data.validation_fraction)
+        self.blocks = {split: TokenBlocks(cache.tokens(split), cfg.data.seq_len) for split in SPLITS}
         self.train_size = len(self.blocks["train"])
         self.eval_size = len(self.blocks["validation"])
 
@@ -47,3 +39,23 @@ class PretrainStage:
         ids = batch["input_ids"].to(next(model.parameters()).device)
         loss_sum, n = next_token_loss_sum(model(ids).logits, ids)
         return LossOutput(loss_sum, n)
+
+
+def require_one_sequence_per_split(cache: TokenCache, seq_len: int, validation_fraction: float) -> None:
+    """Each split must fill at least one block of seq_len tokens; say how much data that takes."""
+    for split in SPLITS:
+        docs, tokens = cache.index["splits"][split]["documents"], cache.index["splits"][split]["tokens"]
+        if tokens >= seq_len:
+            continue
+        every = cache.index["held_out_every"]
+        if split == "validation" and every and docs == 0:
+            raise DataError(
+                f"the validation split is empty: data.validation_fraction={validation_fraction} holds out every "
+                f"{every}th document and the corpus has {cache.index['splits']['train']['documents']} usable "
+                f"documents; give it at least {every} documents, raise data.validation_fraction or set "
+                "data.validation_split"
+            )
+        raise DataError(
+            f"the {split} split holds {tokens} tokens ({docs} documents, each framed <bos> ... <eos>), fewer than one "
+            f"sequence of data.seq_len={seq_len}; it needs at least {seq_len} tokens: add text or lower data.seq_len"
+        )
