@@ -2,7 +2,7 @@
 
     bitnet-train [train] recipes=quickstart key=value ...   run the configured pipeline
     bitnet-train train --cfg job recipes=quickstart         print the resolved config
-    bitnet-train bench train|kernels|engine|cuda            benchmarks (not tests)
+    bitnet-train bench train|kernels|engine|cuda|data       benchmarks (not tests)
     bitnet-train export CHECKPOINT --out DIR                packed checkpoints for serving
     bitnet-train eval EXPORT_DIR --ppl builtin --generate P  an export on the inference engine
     bitnet-train -m recipes=sweep_lr_drop                   a Hydra sweep (docs/launch.md)
@@ -163,8 +163,10 @@ def bench_main(argv: list[str]) -> None:
         from .bench.engine import main
     elif which == "cuda":
         from .bench.cuda_kernels import main
+    elif which == "data":
+        from .bench.data import main
     else:
-        raise SystemExit(f"bitnet-train bench: unknown benchmark {which!r}; use train, kernels, engine or cuda")
+        raise SystemExit(f"bitnet-train bench: unknown benchmark {which!r}; use train, kernels, engine, cuda or data")
     main(argv[1:])
 
 
