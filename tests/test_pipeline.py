@@ -1,4 +1,5 @@
 """The whole pipeline on tiny settings: pretrain -> SFT -> DPO -> report, and starting points."""
+import copy
 import json
 
 import pytest
@@ -76,28 +77,52 @@ def test_a_wrong_reply_fraction_outside_0_1_fails_before_pretraining():
         validate_run(cfg)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stages.pretrain.max_steps=-1", "stages.pretrain.max_steps=-1 must be >= 0"),
-    ("stages.sft.eval_every=0", "stages.sft.eval_every=0 must be >= 1"),
-    ("stages.sft.save_every=0", "stages.sft.save_every=0 must be >= 1"),
-    ("stages.pretrain.grad_accum=0", "stages.pretrain.grad_accum=0 must be >= 1"),
-    ("stages.dpo.micro_batch_size=0", "stages.dpo.micro_batch_size=0 must be >= 1"),
-    ("stages.sft.optim.betas=[0.9]", r"stages.sft.optim.betas=[0.9] must be two values in [0, 1)"),
-    ("stages.pretrain.optim.grad_clip=0", "stages.pretrain.optim.grad_clip=0.0 must be > 0"),
-    ("stages.pretrain.schedule.lr_peak=-3e-3", "stages.pretrain.schedule.lr_peak=-0.003 must be > 0"),
-    ("stages.dpo.schedule.wd=-0.1", "stages.dpo.schedule.wd=-0.1 must be >= 0"),
-    ("stages.dpo.rpo_alpha=-1", "stages.dpo.rpo_alpha=-1.0 must be >= 0"),
-    ("stages.dpo.beta=0", "stages.dpo.beta=0.0 must be > 0"),
+@pytest.fixture(scope="module")
+def three_stages():
+    return compose_config(["pipeline=[pretrain,sft,dpo]", "output_dir=/tmp/unused"])
+
+
+def with_value(cfg, key: str, value):
+    """A copy of `cfg` with one dotted key set (Hydra would have composed the same)."""
+    cfg = copy.deepcopy(cfg)
+    *path, last = key.split(".")
+    node = cfg
+    for part in path:
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    setattr(node, last, value)
+    return cfg
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("stages.pretrain.max_steps", -1, "stages.pretrain.max_steps=-1 must be >= 0"),
+    ("stages.sft.eval_every", 0, "stages.sft.eval_every=0 must be >= 1"),
+    ("stages.sft.save_every", 0, "stages.sft.save_every=0 must be >= 1"),
+    ("stages.pretrain.grad_accum", 0, "stages.pretrain.grad_accum=0 must be >= 1"),
+    ("stages.dpo.micro_batch_size", 0, "stages.dpo.micro_batch_size=0 must be >= 1"),
+    ("stages.sft.optim.betas", [0.9], "stages.sft.optim.betas=[0.9] must be two values in [0, 1)"),
+    ("stages.pretrain.optim.grad_clip", 0.0, "stages.pretrain.optim.grad_clip=0.0 must be > 0"),
+    ("stages.pretrain.schedule.lr_peak", -3e-3, "stages.pretrain.schedule.lr_peak=-0.003 must be > 0"),
+    ("stages.dpo.schedule.wd", -0.1, "stages.dpo.schedule.wd=-0.1 must be >= 0"),
+    ("stages.dpo.rpo_alpha", -1.0, "stages.dpo.rpo_alpha=-1.0 must be >= 0"),
+    ("stages.dpo.beta", 0.0, "stages.dpo.beta=0.0 must be > 0"),
 ])
-def test_a_value_that_cannot_train_fails_at_start_up_naming_the_key(override, message):
-    cfg = compose_config(["pipeline=[pretrain,sft,dpo]", override, "output_dir=/tmp/unused"])
+def test_a_value_that_cannot_train_fails_at_start_up_naming_the_key(three_stages, key, value, message):
+    validate_run(three_stages)
     with pytest.raises(ConfigError) as err:
-        validate_run(cfg)
+        validate_run(with_value(three_stages, key, value))
     assert str(err.value).startswith(message)
 
 
-def test_a_stage_outside_the_pipeline_is_not_checked():
-    validate_run(compose_config(["pipeline=[pretrain]", "stages.sft.eval_every=0", "output_dir=/tmp/unused"]))
+def test_a_negative_value_given_on_the_command_line_is_refused_too():
+    cfg = compose_config(["pipeline=[pretrain,sft]", "stages.sft.max_steps=-4", "output_dir=/tmp/unused"])
+    with pytest.raises(ConfigError, match=r"^stages\.sft\.max_steps=-4 must be >= 0"):
+        validate_run(cfg)
+
+
+def test_a_stage_outside_the_pipeline_is_not_checked(three_stages):
+    cfg = with_value(three_stages, "stages.sft.eval_every", 0)
+    cfg.pipeline = ["pretrain"]
+    validate_run(cfg)
 
 
 def files_stage(kind: str, path, *overrides):
