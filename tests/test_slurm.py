@@ -83,8 +83,14 @@ class Job:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.kill()
             pytest.fail(f"the job did not end within {timeout} s:\n{self.output()}")
+
+    def kill(self) -> None:
+        """The batch shell and everything under it (the ranks run in sessions of their own)."""
+        if self.proc.poll() is None:
+            send([*psutil.Process(self.proc.pid).children(recursive=True), psutil.Process(self.proc.pid)], signal.SIGKILL)
+            self.proc.wait()
 
     def output(self) -> str:
         return self.log.read_text()
@@ -123,6 +129,20 @@ def final_weights(run_dir: Path) -> dict:
     return load_file(run_dir / "pretrain" / "final" / "model.safetensors")
 
 
+@pytest.fixture
+def start_job(tmp_path):
+    """Starts jobs in tmp_path; a test that fails half-way leaves none of them running."""
+    jobs = []
+
+    def start(env: dict) -> Job:
+        jobs.append(Job(tmp_path, env))
+        return jobs[-1]
+
+    yield start
+    for job in jobs:
+        job.kill()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     where = tmp_path_factory.mktemp("uninterrupted")
@@ -141,10 +161,10 @@ def assert_saved_on_stop(job: Job, run_dir: Path) -> int:
     return step
 
 
-def test_notice_to_the_batch_shell_requeues_an_array_task_that_resumes_bit_for_bit(tmp_path, uninterrupted):
+def test_notice_to_the_batch_shell_requeues_an_array_task_that_resumes_bit_for_bit(tmp_path, start_job, uninterrupted):
     ids = {"SLURM_JOB_ID": "507", "SLURM_ARRAY_JOB_ID": "500", "SLURM_ARRAY_TASK_ID": "7", "RUN_NAME": "long"}
     run_dir = tmp_path / "runs" / "long_7"
-    job = Job(tmp_path, ids)
+    job = start_job(ids)
     job.wait_for_training(run_dir)
     job.proc.send_signal(signal.SIGUSR1)  # --signal=B:USR1@300: the batch shell only
     assert job.finish() == 0, job.output()
@@ -153,7 +173,7 @@ def test_notice_to_the_batch_shell_requeues_an_array_task_that_resumes_bit_for_b
     assert job.requeues() == ["requeue 500_7"]
     assert "requeued job 500_7, which resumes from runs/long_7; exit 0" in job.output()
 
-    requeued = Job(tmp_path, ids)  # SLURM starts the same script again under the same ids
+    requeued = start_job(ids)  # SLURM starts the same script again under the same ids
     assert requeued.finish() == 0, requeued.output()
     assert f"resumed pretrain from runs/long_7/pretrain/checkpoints/step_{step:08d}" in requeued.output()
     assert requeued.requeues() == ["requeue 500_7"]  # still the one from the notice
@@ -166,8 +186,8 @@ def test_notice_to_the_batch_shell_requeues_an_array_task_that_resumes_bit_for_b
     assert train_steps == list(range(1, MAX_STEPS + 1))  # nothing lost, nothing twice
 
 
-def test_notice_to_the_steps_reaches_every_rank_and_requeues(tmp_path):
-    job = Job(tmp_path, {"SLURM_JOB_ID": "612"})
+def test_notice_to_the_steps_reaches_every_rank_and_requeues(tmp_path, start_job):
+    job = start_job({"SLURM_JOB_ID": "612"})
     run_dir = tmp_path / "runs" / "bitnet-train-612"
     job.wait_for_training(run_dir)
     send(job.step_processes(), signal.SIGUSR1)  # --signal=USR1@300: every process of the step, not the shell
@@ -177,8 +197,8 @@ def test_notice_to_the_steps_reaches_every_rank_and_requeues(tmp_path):
     assert "train.sbatch: SIGUSR1 received" not in job.output()  # the shell heard nothing itself
 
 
-def test_scancel_signal_term_saves_and_does_not_requeue_even_sent_twice(tmp_path):
-    job = Job(tmp_path, {"SLURM_JOB_ID": "613"})
+def test_scancel_signal_term_saves_and_does_not_requeue_even_sent_twice(tmp_path, start_job):
+    job = start_job({"SLURM_JOB_ID": "613"})
     run_dir = tmp_path / "runs" / "bitnet-train-613"
     job.wait_for_training(run_dir)
     job.scancel("--signal=TERM", "613")
@@ -190,8 +210,8 @@ def test_scancel_signal_term_saves_and_does_not_requeue_even_sent_twice(tmp_path
     assert "not requeued (only the notice SIGUSR1 requeues)" in job.output()
 
 
-def test_a_notice_one_node_heard_stops_both_and_requeue_off_keeps_the_job_stopped(tmp_path):
-    job = Job(tmp_path, {"SLURM_JOB_ID": "614", "REQUEUE": "0"})
+def test_a_notice_one_node_heard_stops_both_and_requeue_off_keeps_the_job_stopped(tmp_path, start_job):
+    job = start_job({"SLURM_JOB_ID": "614", "REQUEUE": "0"})
     run_dir = tmp_path / "runs" / "bitnet-train-614"
     job.wait_for_training(run_dir)
     # Node 1's launcher only (as `kill` to one torchrun would): it hands the signal to its rank, and
