@@ -18,14 +18,12 @@ import psutil
 from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-DELIBERATE = {128 + s for s in STOP_SIGNALS}  # bitnet_train.preemption: a rank that saved and stopped
+from bitnet_train.preemption import STOP_SIGNALS
 
-heard: list[int] = []
+DELIBERATE = {128 + s for s in STOP_SIGNALS}  # the exit codes of a rank that saved and stopped
 
 
 def forward_to_ranks(signum, frame):
-    heard.append(signum)
     # The ranks are this process's children (torch elastic starts each in a session of its own,
     # so a signal to our process group would not reach them).
     for child in psutil.Process().children():
