@@ -114,6 +114,10 @@ class DataConfig:
     # Pretraining's token caches (data/token_cache.py) live here; null: $BITNET_TRAIN_CACHE or
     # ~/.cache/bitnet_train, under token_cache/. Each is one directory and may be deleted.
     cache_dir: Optional[str] = None
+    # Hub pretraining data too large to download whole: read it as a stream (datasets streaming)
+    # and tokenize its first max_documents rows of each split into the token cache.
+    streaming: bool = False
+    max_documents: Optional[int] = None
 
 
 class ConfigError(ValueError):

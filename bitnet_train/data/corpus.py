@@ -67,28 +67,48 @@ def files_corpus(cfg: DataConfig, hash_memo: Path) -> Corpus:
                         "holds out every n-th document)")
     suffix = paths[0].suffix
     digest = hashlib.sha256(json.dumps([suffix, *(file_digest(p, hash_memo) for p in paths)]).encode()).hexdigest()
-    if suffix == ".txt":
-        values = txt_documents
-    elif suffix == ".jsonl":
-        values = lambda paths, skipped: jsonl_values(paths, cfg.text_field, skipped)  # noqa: E731
-    else:
-        def values(paths, skipped):
-            rows = load_dataset(FILE_BUILDERS[suffix], data_files=[str(p) for p in paths], split="train", streaming=True)
-            return column(rows, cfg.text_field)
+
+    def read(skipped: Counter) -> Iterator[str]:
+        if suffix == ".txt":
+            values = txt_documents(paths, skipped)
+        elif suffix == ".jsonl":
+            values = jsonl_values(paths, cfg.text_field, skipped)
+        else:  # .json, .parquet: any layout the datasets builders accept
+            files = [str(p) for p in paths]
+            values = column(load_dataset(FILE_BUILDERS[suffix], data_files=files, split="train", streaming=True),
+                            cfg.text_field)
+        return usable(values, cfg, skipped)
+
     description = f"{len(paths)} {suffix} file(s) ({sum(p.stat().st_size for p in paths) / 1e6:.1f} MB)"
-    return Corpus(description, digest, {"train": lambda skipped: usable(values(paths, skipped), cfg, skipped)})
+    return Corpus(description, digest, {"train": read})
 
 
 def hub_corpus(cfg: DataConfig) -> Corpus:
-    raw = load_hub(cfg)
     names = {"train": cfg.train_split, **({"validation": cfg.validation_split} if cfg.validation_split else {})}
-    data = {split: named_split(raw, name, f"{split}_split") for split, name in names.items()}
-    digest = hashlib.sha256(json.dumps({s: ds._fingerprint for s, ds in data.items()}).encode()).hexdigest()
+    if cfg.streaming:
+        data, digest = hub_streams(cfg, names)
+    else:
+        raw = load_hub(cfg)
+        data = {split: named_split(raw, name, f"{split}_split") for split, name in names.items()}
+        digest = hashlib.sha256(json.dumps({s: ds._fingerprint for s, ds in data.items()}).encode()).hexdigest()
     return Corpus(
         f"hub dataset {cfg.name} ({cfg.subset or 'default'}: {', '.join(names.values())})",
         digest,
-        {split: (lambda skipped, ds=ds: usable(column(ds, cfg.text_field), cfg, skipped)) for split, ds in data.items()},
+        {split: (lambda skipped, ds=ds: usable(column(ds, cfg.text_field), cfg, skipped))
+         for split, ds in data.items()},
     )
+
+
+def hub_streams(cfg: DataConfig, names: dict[str, str]) -> tuple[dict, str]:
+    """The first data.max_documents rows of each split, streamed. Nothing is downloaded whole, so
+    the content cannot be hashed first: the cache is keyed by name, subset, splits and row count."""
+    if not cfg.name or not cfg.max_documents or cfg.max_documents < 1:
+        raise DataError("data.streaming=true needs data.name and data.max_documents (the rows to read from "
+                        "the stream)")
+    data = {split: load_dataset(cfg.name, cfg.subset, split=name, streaming=True).take(cfg.max_documents)
+            for split, name in names.items()}
+    key = ["stream", cfg.name, cfg.subset, names, cfg.max_documents]
+    return data, hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
 def txt_documents(paths: list[Path], skipped: Counter) -> Iterator[str]:

@@ -72,7 +72,8 @@ def open_token_cache(cfg: DataConfig, tokenizer, corpus: Corpus) -> TokenCache:
     """The cache of `corpus` under `tokenizer`: reused if present, else built by one process per node."""
     root = cache_root(cfg)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    rule = {"validation": "given"} if "validation" in corpus.splits else {"held_out_every": held_out_every(cfg.validation_fraction)}
+    given = "validation" in corpus.splits
+    rule = {"validation": "given"} if given else {"held_out_every": held_out_every(cfg.validation_fraction)}
     key = hashlib.sha256(json.dumps(
         {"format": FORMAT, "corpus": corpus.fingerprint, "tokenizer": fingerprint, "text_field": cfg.text_field, **rule}
     ).encode()).hexdigest()[:24]
@@ -204,7 +205,7 @@ def build(tmp: Path, corpus: Corpus, tokenizer, fingerprint: str, cfg: DataConfi
         "dtype": dtype.name,
         "corpus": corpus.description,
         "tokenizer": {"name": getattr(tokenizer, "name_or_path", type(tokenizer).__name__), "fingerprint": fingerprint},
-        "splits": {split: {"documents": counts[split]["documents"], "tokens": counts[split]["tokens"]} for split in SPLITS},
+        "splits": {s: {"documents": counts[s]["documents"], "tokens": counts[s]["tokens"]} for s in SPLITS},
         "held_out_every": None if "validation" in corpus.splits else every,
         "rows": documents + sum(skipped.values()),
         "skipped": dict(skipped),
