@@ -165,9 +165,10 @@ def main(argv=None) -> None:
         index = json.loads(next(cache.glob("*/index.json")).read_text())
         reuse = train_once(files, cache, root / f"run_{size}mb_reuse", args.steps, args.threads)
         tokens = sum(s["tokens"] for s in index["splits"].values())
+        data_s = stage_seconds(files, cache)
         print(f"| {size} MB | {tokens / 1e6:.1f} M | {index['tokens_per_second']:,.0f} | {build['peak_rss_mb']:.0f} MB "
-              f"| {reuse['peak_rss_mb']:.0f} MB | {reuse['first_step_s']:.1f} s | {stage_seconds(files, cache):.2f} s |",
-              flush=True)
+              f"| {reuse['peak_rss_mb']:.0f} MB | {reuse['first_step_s']:.1f} s | {data_s:.2f} s |", flush=True)
+
 
 if __name__ == "__main__":
     main()
