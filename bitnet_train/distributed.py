@@ -69,6 +69,11 @@ def configure_deepspeed(acc: Accelerator, cfg: StageConfig) -> None:
         return
     if cfg.optim.grad_clip <= 0:
         raise ValueError("DeepSpeed reports the gradient norm only when it clips: set optim.grad_clip > 0")
+    if acc.state.deepspeed_plugin.zero_stage == 3:
+        raise ConfigError(
+            "checkpoints of DeepSpeed ZeRO-3 are not supported (their partitions are not gathered yet); "
+            "launch with launch/accelerate/deepspeed_zero2.yaml or fsdp.yaml, which shards the weights too"
+        )
     acc.state.deepspeed_plugin.deepspeed_config.update(
         train_micro_batch_size_per_gpu=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -152,9 +157,11 @@ def load_full_state(acc: Accelerator, wrapped, optimizer, model_state: dict, opt
     set_optimizer_state_dict(wrapped, optimizer, optimizer_state, options=options)
 
 
-# ZeRO keeps the fp32 weights and AdamW moments as flat partitions; DeepSpeed's safe_get_full_*
-# gather one parameter at a time (every rank takes part). The optimizer state is laid out as
-# torch's get_optimizer_state_dict lays it out, so the checkpoint is the same as in other modes.
+# ZeRO keeps the fp32 weights and AdamW moments as flat partitions, one per parameter group and
+# rank; DeepSpeed's safe_get/set_full_* gather or scatter one parameter at a time (every rank takes
+# part). The optimizer state is laid out as torch's get_optimizer_state_dict lays it out, so the
+# checkpoint is the one other modes write. Tested with ZeRO-2 (tests/test_distributed.py).
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def deepspeed_full_weights(acc: Accelerator, engine) -> dict:
@@ -167,9 +174,10 @@ def deepspeed_full_weights(acc: Accelerator, engine) -> dict:
 def deepspeed_full_optimizer_state(acc: Accelerator, engine) -> dict:
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    step = torch.tensor(deepspeed_step(engine))
-    state = {
-        name: {"step": step, **{k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}}
+    link_deepspeed_moments(engine)
+    step = max(float(s["step"]) for s in engine.optimizer.optimizer.state.values())
+    state = {  # a step tensor per parameter: AdamW counts each one up in place
+        name: {"step": torch.tensor(step), **{k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}}
         for name, p in engine.module.named_parameters()
     }
     if not acc.is_main_process:
@@ -181,26 +189,32 @@ def deepspeed_full_optimizer_state(acc: Accelerator, engine) -> dict:
 def load_deepspeed_state(engine, model_state: dict, optimizer_state: dict) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    engine.module.load_state_dict(model_state)  # the weights the forward reads (replicated under ZeRO-1/2)
+    zero = engine.optimizer
+    step = float(next(iter(optimizer_state["state"].values()))["step"])
+    for flat in zero.single_partition_of_fp32_groups:  # AdamW makes its state at its first step: make it now
+        zero.optimizer.state[flat] = {"step": torch.tensor(step), "exp_avg": torch.zeros_like(flat),
+                                      "exp_avg_sq": torch.zeros_like(flat)}
+    link_deepspeed_moments(engine)
     for name, p in engine.module.named_parameters():
         safe_set_full_fp32_param(p, model_state[name].to(p.device))
-        for k in ("exp_avg", "exp_avg_sq"):
+        for k in MOMENTS:
             safe_set_full_optimizer_state(p, optimizer_state["state"][name][k].to(p.device), k)
-    step = next(iter(optimizer_state["state"].values()))["step"]
-    for flat in engine.optimizer.optimizer.state.values():
-        flat["step"] = torch.as_tensor(step, dtype=flat["step"].dtype, device=flat["step"].device)
 
 
-def deepspeed_step(engine) -> float:
-    """AdamW's bias-correction step count: DeepSpeed keeps one per flat group, all equal."""
-    return max(float(s["step"]) for s in engine.optimizer.optimizer.state.values())
+def link_deepspeed_moments(engine) -> None:
+    """DeepSpeed (0.19) links parameters to their AdamW moments once, right after the first
+    parameter group's first step, so the other groups' parameters stay unlinked and
+    safe_get_full_optimizer_state fails for them: link every group again."""
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def deepspeed_param_groups(engine) -> list[dict]:
     """The AdamW parameter groups with parameter names, as torch's full optimizer state has them."""
     names = {id(p): name for name, p in engine.module.named_parameters()}
     zero = engine.optimizer
-    members = zero.bit16_groups if hasattr(zero, "bit16_groups") else zero.fp16_groups
     return [
         {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in params]}
-        for group, params in zip(zero.optimizer.param_groups, members)
+        for group, params in zip(zero.optimizer.param_groups, zero.bit16_groups)
     ]
