@@ -56,8 +56,9 @@ def cli(args: list[str], out: Path) -> subprocess.Popen:
     )
 
 
-def wait_for_records(out: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    metrics = out / "pretrain" / "metrics.jsonl"
+def wait_for_records(out: Path, n: int, proc: subprocess.Popen, timeout: float = 240,
+                     stage: str = "pretrain") -> None:
+    metrics = out / stage / "metrics.jsonl"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
@@ -115,6 +116,31 @@ def test_after_kill_9_and_rerun_the_metrics_log_equals_the_uninterrupted_runs(tm
     assert rerun.returncode == 0, err[-3000:]
     metrics = out / "pretrain" / "metrics.jsonl"
     assert read_jsonl(metrics) == read_jsonl(uninterrupted / "pretrain" / "metrics.jsonl")
+
+
+SFT_AFTER_PRETRAIN = ["pipeline=[pretrain,sft]", "stages.pretrain.max_steps=4", "stages.pretrain.save_every=2",
+                      "stages.pretrain.eval_every=4", "stages.sft.max_steps=8", "stages.sft.save_every=4",
+                      "stages.sft.eval_every=4", "stages.sft.micro_batch_size=4", "stages.sft.eval_batches=2",
+                      "stages.sft.data.num_train_examples=64", "stages.sft.data.num_eval_examples=8",
+                      "logging.log_every=1", "runtime.num_threads=1"]
+
+
+@pytest.mark.slow
+def test_kill_9_in_sft_before_its_first_checkpoint_then_rerun_logs_each_step_once(tmp_path, tiny_overrides):
+    args = [*tiny_overrides, *SFT_AFTER_PRETRAIN]
+    baseline = tmp_path / "baseline"
+    run_pipeline(compose_config([*args, f"output_dir={baseline}"]))
+    out = tmp_path / "run"
+    proc = cli(args, out)
+    wait_for_records(out, 2, proc, stage="sft")
+    assert proc.poll() is None, "the run ended before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rerun = cli(args, out)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    for stage in ("pretrain", "sft"):
+        assert read_jsonl(out / stage / "metrics.jsonl") == read_jsonl(baseline / stage / "metrics.jsonl"), stage
 
 
 @pytest.mark.slow
