@@ -39,7 +39,7 @@ def _first_text(path: Path) -> str:
 
 
 def _first_json_rows(path: Path, n: int) -> list[dict]:
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # undecodable rows are the loader's to count, not a crash here
         if f.read(1) != "[":  # JSON lines (the datasets json builder reads .json files either way)
             f.seek(0)
             rows = []
