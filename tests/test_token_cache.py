@@ -104,6 +104,21 @@ def test_a_changed_tokenizer_builds_its_own_cache(tmp_path):
     assert len(b.blocks["train"]) > len(a.blocks["train"])  # a smaller vocabulary needs more tokens
 
 
+def test_a_partial_cache_left_by_a_crash_is_removed_and_rebuilt_never_read(tmp_path, caplog):
+    whole = all_blocks(stage(data_args(tmp_path)), "train")
+    built = caches(tmp_path)[0]
+    partial = built.with_name(f"{built.name}.tmp-999999")  # what a build killed half-way leaves
+    built.rename(partial)
+    (partial / "index.json").unlink()
+    with open(partial / "train.bin", "r+b") as f:
+        f.truncate(100)
+    with caplog.at_level("WARNING"):
+        again = stage(data_args(tmp_path))
+    assert "removing the partial token cache" in caplog.text
+    assert not partial.exists() and caches(tmp_path) == [built]
+    assert torch.equal(all_blocks(again, "train"), whole)
+
+
 def test_a_cache_built_by_another_tokenizer_is_refused(tmp_path):
     stage(data_args(tmp_path))
     index = caches(tmp_path)[0] / "index.json"
