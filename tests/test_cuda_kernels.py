@@ -190,6 +190,7 @@ def test_door_reports_why_it_is_unavailable():
 # ---------------------------------------------------------------------------------------------
 # Compile check (needs nvcc, not a GPU); deselect with -m "not nvcc"
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.nvcc
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_kernels_compile_for_sm80_and_sm90():
@@ -202,6 +203,7 @@ def test_kernels_compile_for_sm80_and_sm90():
             assert any(kernel in line and arch in line for line in log.splitlines()), (kernel, arch)
 
 
+@pytest.mark.slow
 @pytest.mark.nvcc
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_launchers_reject_bad_arguments_before_touching_the_device(tmp_path):
