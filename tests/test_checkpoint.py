@@ -137,6 +137,7 @@ WRITERS = {  # function in checkpoint.py, its call that writes the second checkp
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer", WRITERS)
 def test_disk_full_while_saving_says_so_keeps_the_older_checkpoint_and_the_same_command_resumes(
     tmp_path, monkeypatch, baseline, writer
@@ -223,6 +224,7 @@ class CountingStage:
         self.drawn = state["drawn"]
 
 
+@pytest.mark.slow
 def test_a_stage_state_is_saved_with_each_checkpoint_and_restored_on_resume(tmp_path, monkeypatch, baseline):
     real = pipeline_module.build_stage
     stages = []

@@ -204,6 +204,7 @@ def metrics(stage_dir, key="train/loss"):
     return [(r["step"], r[key]) for r in rows if key in r]
 
 
+@pytest.mark.slow
 def test_convert_stage_trains_and_resumes_mid_warmup_exactly(teacher_dir, tmp_path):
     args = convert_overrides(teacher_dir, tmp_path, "run", "stages.convert.quant_warmup_steps=4",
                              "stages.convert.save_every=2", "stages.convert.keep_checkpoints=5", "logging.log_every=1")

@@ -49,6 +49,7 @@ def test_weight_decay_reaches_bitlinear_weights_only(tmp_path, tiny_overrides):
     assert len(decay["params"]) == 7 * model.config.num_hidden_layers
 
 
+@pytest.mark.slow
 def test_resume_continues_the_loss_curve_exactly(tmp_path, tiny_overrides):
     args = [*tiny_overrides, "stages.pretrain.max_steps=12", "stages.pretrain.save_every=4", "stages.pretrain.eval_every=6",
             "logging.log_every=1", "stages.pretrain.keep_checkpoints=5"]
@@ -101,6 +102,7 @@ def test_full_precision_baseline_trains_with_the_same_recipe(tmp_path, tiny_over
     assert train[-1] < train[0]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_written(tmp_path, tiny_overrides, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     args = [a for a in tiny_overrides if not a.startswith("logging=")]

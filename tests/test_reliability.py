@@ -177,6 +177,7 @@ def empty(path: Path) -> None:
 
 @pytest.mark.parametrize("name, damage", [("model.safetensors", corrupt), ("model.safetensors", truncate),
                                           ("manifest.json", empty), ("manifest.json", truncate)])
+@pytest.mark.slow
 def test_bad_latest_checkpoint_is_named_and_the_previous_one_used(
     tmp_path, tiny_overrides, uninterrupted, caplog, name, damage
 ):
@@ -193,6 +194,7 @@ def test_bad_latest_checkpoint_is_named_and_the_previous_one_used(
     assert_same_run(tmp_path / "run", uninterrupted)
 
 
+@pytest.mark.slow
 def test_every_checkpoint_bad_stops_with_instructions(tmp_path, tiny_overrides):
     cfg = compose_config([*run_args(tiny_overrides), f"output_dir={tmp_path / 'run'}", "stages.pretrain.keep_checkpoints=2"])
     stage = run_pipeline(cfg)["pretrain"].parent
