@@ -6,8 +6,8 @@ token budgets for the teacher, naive ternarization, plain QAT, + λ warm-up, + d
 I ...: only these entries of ORDER (two drivers can then share the work; default: all).
 
 Every variant is recipes/convert_smollm2 with a few overrides (VARIANTS) and seeds 1 and 2; the
-learning rate is constant after its warm-up, so the evaluations at 20 and 40 steps are two
-budgets of one run. The teacher and the untrained ternary student are scored on the same
+learning rate is constant after its warm-up, so the evaluations at 12 and 24 steps are two
+budgets of one run. The budget is tiny: the CPU was shared by several engineers' test runs. The teacher and the untrained ternary student are scored on the same
 validation blocks by the same sum of token losses as the trainer's evaluation.
 """
 import json
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-STEPS, EVAL_EVERY, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, WARMUP = 40, 20, 2, 128, 8, 10
+STEPS, EVAL_EVERY, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, WARMUP = 24, 12, 2, 64, 8, 6
 COMMON = [
     "recipes=convert_smollm2", "logging=off", "logging.progress_bar=false", "runtime.num_threads=2",
-    f"stages.convert.max_steps={STEPS}", f"stages.convert.eval_every={EVAL_EVERY}",
+    f"stages.convert.max_steps={STEPS}", f"stages.convert.eval_every={EVAL_EVERY}", "logging.log_every=1",
     f"stages.convert.save_every={STEPS}", f"stages.convert.micro_batch_size={MICRO_BATCH}",
     f"stages.convert.data.seq_len={SEQ_LEN}", f"stages.convert.eval_batches={EVAL_BATCHES}",
 ]
