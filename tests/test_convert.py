@@ -314,6 +314,7 @@ def nll_per_token(logits: torch.Tensor, tokens: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:-1].float(), tokens[1:]))
 
 
+@pytest.mark.slow  # ~6 s each: an optional cross-runtime check, kept out of the fast tier
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_llama_cpp_runs_the_converted_gguf_with_our_perplexity(family, tmp_path):
     """Stock llama.cpp, through llama-cpp-python, on a converted model's TQ2_0 GGUF.
