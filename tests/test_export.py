@@ -30,6 +30,7 @@ from bitnet_train.export.source import TernaryWeight, load_training_model, read_
 from bitnet_train.model import BitNetTrainConfig, BitNetTrainForCausalLM
 from bitnet_train.model_factory import load_checkpoint_model
 from bitnet_train.ternary_layout import base3_row_bytes, packed_row_bytes, unpack_ternary, unpack_ternary_base3, unpack_ternary_hf
+from bitnet_train import quant
 from bitnet_train.quant import BitLinear, ternarize
 from bitnet_train.checkpoint import save_final
 
@@ -141,8 +142,17 @@ def test_own_format_loads_to_the_training_forward(out, packed, trained, ids, fmt
     model = packed if fmt == "own" else load_packed_model(out / fmt)
     assert all(isinstance(m, PackedBitLinear) for m in model.modules() if isinstance(m, BitLinear))
     with torch.no_grad():
-        # Training adds (W_q - W) back onto W (straight-through), an ulp away from codes / s.
-        torch.testing.assert_close(model(ids).logits, trained(ids).logits, rtol=1e-5, atol=1e-5)
+        ours = model(ids).logits
+        # Training adds (W_q - W) back onto W (straight-through), an ulp away from codes / s, and
+        # an ulp can flip one int8 activation rounding in a later layer. The forward that
+        # straight_through stands for (its value xq itself) is what the export must equal.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(quant, "straight_through", lambda x, xq, strength=1.0: xq)
+            exact = trained(ids).logits
+        rounded = trained(ids).logits
+    torch.testing.assert_close(ours, exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, rounded, rtol=1e-3, atol=5e-2)  # at most a few flipped roundings
+    assert (ours.argmax(-1) == rounded.argmax(-1)).float().mean() >= 0.95
 
 
 def test_quantizing_packed_weights_again_would_shrink_them(packed, trained, ids):
@@ -161,9 +171,11 @@ def test_hf_format_loads_with_transformers_and_matches(out, trained, ids):
         assert hf.config.quantization_config.quantization_mode == "offline"
         with torch.no_grad():
             theirs, ours = hf(ids).logits, trained(ids).logits
-    # AutoBitLinear multiplies by 1/s after the matmul: an ulp apart, so a few activation
-    # roundings may flip (REFERENCE.md section 6): compare with a tolerance and argmax agreement.
-    torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3)
+    # AutoBitLinear multiplies by 1/s after the matmul, an ulp from our forward, and an ulp can
+    # flip one int8 activation rounding, which moves later layers by an int8 step (measured on
+    # this random model: max 0.03, median 9e-7). Most logits agree to float precision, argmax too.
+    diff = (theirs - ours).abs()
+    assert diff.median() < 1e-5 and diff.max() < 0.1
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.95
 
 
