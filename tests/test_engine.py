@@ -184,10 +184,10 @@ def test_the_compiled_stack_equals_the_torch_layers(engine, text_ids):
 def agree_up_to_flipped_roundings(a: torch.Tensor, b: torch.Tensor) -> bool:
     """The compiled RMSNorm sums in another order than torch's: an ulp apart, which can tip an
     int8 activation rounding and move what follows by about one int8 step (1/127 of the range).
-    Measured on the 40-step model: logits 2e-4 at most; keys 2e-3 at most, 0.35% of them beyond
-    1e-5 (1 or 2 threads change which roundings tip). Most values agree to float precision."""
+    Measured on the 40-step model: logits 2e-4 at most (median 2e-9), keys 2e-3 at most (median 0);
+    1 or 2 threads change which roundings tip. Most values agree to float precision."""
     diff = (a - b).abs() / b.abs().max()
-    return float((diff > 1e-5).float().mean()) < 0.01 and float(diff.max()) < 2e-2
+    return float(diff.median()) < 1e-6 and float(diff.max()) < 2e-2
 
 
 def test_the_compiled_stack_names_a_wrong_cache(engine):
