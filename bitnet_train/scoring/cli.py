@@ -31,7 +31,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tasks", action="store_true", help="task accuracy and preference metrics (held-out built-in)")
     p.add_argument("--num-examples", type=int, default=200, help="held-out examples for --tasks")
     p.add_argument("--head-dtype", choices=HEAD_DTYPES, default="fp32",
-                   help="LM head storage: fp32 is exact; bf16/int8/int4/ternary decode faster, int4 and ternary on the CPU only (docs/bench_engine.md)")
+                   help="LM head storage: fp32 is exact; bf16/int8/int4/ternary decode faster "
+                        "(int4, ternary: CPU only; docs/bench_engine.md)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the CUDA door can run)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     args = p.parse_args(argv)
