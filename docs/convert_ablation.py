@@ -5,10 +5,12 @@ token budgets for the teacher, naive ternarization, plain QAT, + λ warm-up, + d
 
 I ...: only these entries of ORDER (two drivers can then share the work; default: all).
 
-Every variant is recipes/convert_smollm2 with a few overrides (VARIANTS) and seeds 1 and 2; the
-learning rate is constant after its warm-up, so the evaluations at 12 and 24 steps are two
-budgets of one run. The budget is tiny: the CPU was shared by several engineers' test runs. The teacher and the untrained ternary student are scored on the same
-validation blocks by the same sum of token losses as the trainer's evaluation.
+Every variant is recipes/convert_smollm2 (its sequence length, batch, learning rate and
+evaluation blocks) with a few overrides (VARIANTS) and seeds 1 and 2; the learning rate is
+constant after its warm-up, so each evaluation (every EVAL_EVERY steps) is a budget of its own.
+The teacher and the untrained ternary student are scored on the same validation blocks by the
+same sum of token losses as the trainer's evaluation. Each training run holds /tmp/bench.lock
+(flock), so benchmarks on the same machine run between the runs, never during one.
 """
 import json
 import math
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-STEPS, EVAL_EVERY, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, WARMUP = 24, 12, 2, 64, 8, 6
+STEPS, EVAL_EVERY, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, WARMUP = 60, 20, 2, 128, 16, 12
 COMMON = [
     "recipes=convert_smollm2", "logging=off", "logging.progress_bar=false", "runtime.num_threads=2",
     f"stages.convert.max_steps={STEPS}", f"stages.convert.eval_every={EVAL_EVERY}", "logging.log_every=1",
@@ -49,7 +51,7 @@ def train(out: Path, teacher: str | None, variant: str, seed: int) -> None:
     overrides = [*COMMON, *VARIANTS[variant], f"seed={seed}", f"output_dir={target}"]
     if teacher:
         overrides.append(f"stages.convert.teacher={teacher}")
-    subprocess.run([sys.executable, "-m", "bitnet_train.cli", *overrides], check=True)
+    subprocess.run(["flock", "/tmp/bench.lock", sys.executable, "-m", "bitnet_train.cli", *overrides], check=True)
 
 
 def val_points(out: Path, variant: str, seed: int) -> dict[int, float]:
