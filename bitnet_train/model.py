@@ -48,12 +48,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # λ of a SubLN that conversion inserted where the teacher has no norm: x + λ·(norm(x) − x),
+        # so that at λ = 0 the student computes its teacher (stages/convert.py). 1 everywhere else.
+        self.strength = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 as Llama does: bf16 variance loses too many bits.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        y = self.weight * x32.to(x.dtype)
+        return y if self.strength == 1.0 else x + self.strength * (y - x)
 
 
 class RotaryEmbedding(nn.Module):

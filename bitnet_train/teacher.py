@@ -116,8 +116,9 @@ def check_student_architecture(student: BitNetTrainForCausalLM, teacher: PreTrai
 
 
 @torch.no_grad()
-def init_from_teacher(student: BitNetTrainForCausalLM, teacher: PreTrainedModel) -> None:
-    """Copy the teacher's weights into the student by name. SubLN gains the teacher lacks stay at 1."""
+def init_from_teacher(student: BitNetTrainForCausalLM, teacher: PreTrainedModel) -> list[torch.nn.Module]:
+    """Copy the teacher's weights into the student by name. SubLN gains the teacher lacks stay at 1;
+    those norms are returned: the conversion blends them in with λ, as it does the quantizers."""
     check_student_architecture(student, teacher)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected:
@@ -125,3 +126,4 @@ def init_from_teacher(student: BitNetTrainForCausalLM, teacher: PreTrainedModel)
     not_sub_norms = [k for k in missing if not k.endswith(("attn_sub_norm.weight", "ffn_sub_norm.weight"))]
     if not_sub_norms:
         raise ValueError(f"the teacher has no weights for student tensors {not_sub_norms[:3]}")
+    return [student.get_submodule(key.removesuffix(".weight")) for key in missing]

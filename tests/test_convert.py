@@ -68,11 +68,17 @@ def ids(n=2, t=24, seed=1):
     return torch.randint(2, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_at_lambda_0_the_student_computes_the_teacher(family):
+@pytest.mark.parametrize("family, sub_norms", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_at_lambda_0_the_student_computes_the_teacher(family, sub_norms):
+    """With SubLN too: the norms the teacher lacks are blended in with λ (stages/convert.py), so at
+    λ = 0 they pass their input through."""
     teacher = random_teacher(family)
-    student = student_for(teacher)
+    student = student_for(teacher, sub_norms)
+    inserted = init_from_teacher(student, teacher)
+    assert len(inserted) == (2 * SHAPE["num_hidden_layers"] if sub_norms else 0)
     set_quant_strength(student, 0.0)
+    for norm in inserted:
+        norm.strength = 0.0
     with torch.no_grad():
         torch.testing.assert_close(student(ids()).logits, teacher(ids()).logits, rtol=1e-4, atol=1e-4)
 

@@ -5,7 +5,8 @@ from the teacher's weights (teacher.py). Two things keep it close to the teacher
 to live with ternary weights and int8 activations:
   - λ warm-up (Hugging Face's 1.58-bit Llama write-up): every quantizer computes x + λ·(q(x) − x),
     λ = min(step / quant_warmup_steps, 1), so training starts at the teacher's function and reaches
-    the ternary forward after quant_warmup_steps; the saved model is always the λ = 1 one.
+    the ternary forward after quant_warmup_steps; the saved model is always the λ = 1 one. A SubLN
+    the teacher lacks (model.sub_norms on a Llama) is blended in the same way, x + λ·(norm(x) − x).
   - distillation from the frozen teacher (BitDistill, arXiv 2510.13998): a KL on the logits at a
     temperature, and optionally a MiniLM-style KL on one layer's Q/K/V self-relations.
 Training loss per token: nll_weight·NLL + kd_weight·KL + attn_weight·relation KL. Validation
@@ -50,6 +51,7 @@ class ConvertStage(PretrainStage):
         self.train_micro_batches = 0
         self.student = None
         self.teacher = None
+        self.inserted_norms: list[torch.nn.Module] = []
         self.captured: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
 
     def bind_model(self, model: torch.nn.Module) -> None:
@@ -58,7 +60,7 @@ class ConvertStage(PretrainStage):
         # A bf16 stage keeps its frozen teacher in bf16 too: half the memory (8B: 16 GB, not 32 GB).
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
         self.teacher = load_teacher(self.cfg.teacher, dtype).to(device)
-        init_from_teacher(model, self.teacher)
+        self.inserted_norms = init_from_teacher(model, self.teacher)
         self.student = model
         if self.cfg.attn_weight:
             layer = self.cfg.attn_layer % model.config.num_hidden_layers
@@ -92,6 +94,8 @@ class ConvertStage(PretrainStage):
         if model.training:
             lam = self.strength()
             set_quant_strength(self.student, lam)
+            for norm in self.inserted_norms:
+                norm.strength = lam
             self.train_micro_batches += 1
         logits = model(ids).logits
         nll, n = next_token_loss_sum(logits, ids)
