@@ -3,6 +3,7 @@
 Teachers are tiny random LlamaForCausalLM / Qwen2ForCausalLM models made here, saved with the
 built-in tokenizer, so nothing is downloaded."""
 import json
+import re
 import shutil
 
 import gguf
@@ -10,17 +11,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from bitnet_train import cli
 from bitnet_train.checkpoint import CheckpointError, save_final
 from bitnet_train.config import compose_config
 from bitnet_train.data.builtin_text import builtin_documents
 from bitnet_train.data.tokenizer import builtin_tokenizer
+from bitnet_train.engine import Engine, generate, read_documents, token_blocks
 from bitnet_train.export import export, gguf_format
+from bitnet_train.export.own_format import load_packed_model
 from bitnet_train.losses import attention_relation_kl_sum, distillation_kl_sum
 from bitnet_train.model import BitNetTrainConfig, BitNetTrainForCausalLM
 from bitnet_train.model_factory import load_checkpoint_model
 from bitnet_train.pipeline import run_pipeline
 from bitnet_train.quant import (
-    BitLinear, quantize_activation, quantize_weight, set_quant_strength, ternarize, warmup_strength,
+    BitLinear, quantize_activation, quantize_int8, quantize_weight, set_quant_strength, ternarize, warmup_strength,
 )
 from bitnet_train.teacher import init_from_teacher, load_teacher, locate, student_model_config
 
@@ -310,10 +314,92 @@ def test_gguf_names_the_tensor_tq2_blocks_do_not_divide(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_own_format_refuses_a_llama_architecture_by_name(tmp_path):
-    final, _ = converted_final("llama", tmp_path)
-    with pytest.raises(CheckpointError, match="own format and engine run the BitNet 2B4T architecture"):
-        export(final, tmp_path / "out", "own")
+# ---------------------------------------------------------------- our own format and engine
+# One engine for every architecture choice of the training model. A larger init (std 0.2) spreads the
+# logits (std ~3), so a wrong graph cannot hide in near-uniform predictions.
+ENGINE_CASES = {
+    "llama": ("llama", False, {}),
+    "llama-untied": ("llama", False, {"tie_word_embeddings": False}),
+    "qwen2": ("qwen2", False, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+    "llama-subln": ("llama", True, {}),
+}
+
+
+@pytest.fixture(scope="module", params=list(ENGINE_CASES))
+def own_export(request, tmp_path_factory):
+    """(export directory with own/ and own-1.6/, the training model) of a converted student."""
+    family, sub_norms, shape = ENGINE_CASES[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    final, student = converted_final(family, tmp, sub_norms=sub_norms, initializer_range=0.2, **shape)
+    export(final, tmp / "out", "own,own-1.6")
+    return tmp / "out", student
+
+
+def agrees_with_training(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Median and largest difference (relative to the largest logit) and argmax agreement: an ulp
+    apart, an int8 activation rounding can tip and move single logits by about one int8 step
+    (REFERENCE.md 6). Measured on the four cases: median <= 1.2e-7, max <= 2.3e-2, argmax >= 0.986.
+    A lost q/k/v bias, ReLU² for SiLU or a dropped SubLN: median >= 6e-2, argmax <= 0.36."""
+    diff = (ours - ref).abs() / ref.abs().max()
+    agreement = (ours.argmax(-1) == ref.argmax(-1)).float().mean()
+    return float(diff.median()) < 1e-6 and float(diff.max()) < 5e-2 and float(agreement) >= 0.95
+
+
+def test_the_engine_runs_a_converted_model_as_the_training_model_does(own_export):
+    out, student = own_export
+    engine = Engine.from_export(out / "own", device="cpu")
+    x = ids(3, 48)
+    with torch.no_grad():
+        ref = student(x).logits
+        assert agrees_with_training(load_packed_model(out / "own")(x).logits, ref)  # the pure-torch reader
+    compiled = engine.forward(x)
+    assert agrees_with_training(compiled, ref)
+    engine.native = None  # the torch layers: the GPU path and the fallback
+    assert agrees_with_training(engine.forward(x), ref)
+    assert torch.equal(Engine.from_export(out / "own-1.6", device="cpu").forward(x), compiled)
+
+
+def test_the_engine_decodes_a_converted_model_greedily_as_the_training_model(own_export):
+    out, student = own_export
+    engine = Engine.from_export(out / "own", device="cpu")
+    prompt = ids(1, 12)
+    with torch.no_grad():
+        ref = student.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None)[0, 12:]
+    assert generate(engine, prompt[0].tolist(), 16) == ref.tolist()
+    cache, full = engine.new_cache(1, 28), engine.forward(ids(1, 28))
+    steps = [engine.forward(ids(1, 28)[:, :20], cache)] + [engine.forward(ids(1, 28)[:, t:t + 1], cache)
+                                                          for t in range(20, 28)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5 * float(full.abs().max()))
+
+
+def test_qkv_biases_are_added_to_the_exact_integer_product(tmp_path):
+    """Qwen2's q/k/v: dot / (s_w * s_a) + bias, bit for bit: the rescale first, as BitLinear's F.linear."""
+    final, student = converted_final("qwen2", tmp_path)
+    export(final, tmp_path / "out", "own")
+    engine = Engine.from_export(tmp_path / "out/own", device="cpu")
+    x = torch.randn(5, EXPORT_SHAPE["hidden_size"], generator=torch.Generator().manual_seed(3))
+    a, s_a = quantize_int8(x)
+    attn = student.model.layers[1].self_attn
+    for out, module in zip(engine.linear(x, engine.weights.layers[1].qkv), (attn.q_proj, attn.k_proj, attn.v_proj)):
+        codes, s_w = ternarize(module.weight.detach())
+        dot = a.to(torch.int64) @ codes.to(torch.int64).T
+        assert torch.equal(out, dot.float() / (s_w * s_a) + module.bias.detach())
+
+
+def test_eval_prints_the_training_models_perplexity_of_a_converted_model(own_export, tmp_path, monkeypatch, capsys):
+    out, student = own_export
+    text = tmp_path / "held_out.txt"
+    text.write_text(" ".join(builtin_documents()[1:4]))
+    monkeypatch.setattr("sys.argv", ["bitnet-train", "eval", str(out / "own"), "--ppl", str(text),
+                                     "--seq-len", "64", "--device", "cpu"])
+    cli.main()
+    printed = re.search(r"perplexity [\d.]+ \(loss ([\d.]+) over (\d+) tokens", capsys.readouterr().out)
+    blocks = token_blocks(builtin_tokenizer(VOCAB), read_documents(text), 64)
+    with torch.no_grad():
+        ref = student(blocks, labels=blocks).loss
+    assert int(printed[2]) == blocks.numel() - len(blocks)
+    # As tests/test_engine.py's perplexity test: flipped roundings move single logits, not the mean loss.
+    assert float(printed[1]) == pytest.approx(float(ref), rel=1e-4)
 
 
 def nll_per_token(logits: torch.Tensor, tokens: torch.Tensor) -> float:

@@ -299,6 +299,26 @@ def test_invalid_codes_name_the_tensor(exported, tmp_path):
         Engine.from_export(d, device="cpu")
 
 
+def rewrite_metadata(d: Path, **metadata) -> None:
+    tensors = load_file(d / "model.safetensors")
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "bitnet-train-packed", **metadata})
+    write_manifest(d)
+
+
+def test_a_version_1_export_still_runs(exported, engine, text_ids, tmp_path):
+    """Files from before converted models had no version key: their config defaults are 2B4T's."""
+    d = copy_export(exported, tmp_path)
+    rewrite_metadata(d, layout="2bit")
+    assert torch.equal(Engine.from_export(d, device="cpu").forward(text_ids), engine.forward(text_ids))
+
+
+def test_a_newer_format_version_is_refused_with_what_to_do(exported, tmp_path):
+    d = copy_export(exported, tmp_path)
+    rewrite_metadata(d, layout="2bit", version="3")
+    with pytest.raises(CheckpointError, match="version 3; this bitnet-train reads versions 1 to 2: upgrade"):
+        Engine.from_export(d, device="cpu")
+
+
 def test_weights_from_another_config_are_named(exported, tmp_path):
     d = copy_export(exported, tmp_path)
     config = json.loads((d / "config.json").read_text())

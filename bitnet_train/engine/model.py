@@ -1,10 +1,13 @@
 """The inference model: the training model's function (model.py) on the integer kernels.
 
-Per layer and token the maths is model.py's, line for line: RMSNorm in float32, q/k/v, RoPE
-(rotate-half), GQA attention over the cache, attn_sub_norm, o_proj, the ReLU² gated FFN with its
-sub-norm. Only the BitLinears differ: instead of float matmuls of fake-quantized tensors, the
-activations are quantized to int8 once per token, multiplied exactly with the packed ternary
-codes, and rescaled by 1 / (s_w * s_a). That is the same number up to float32 rounding.
+Per layer and token the maths is model.py's, line for line: RMSNorm in float32, q/k/v (+ Qwen2's
+biases), RoPE (rotate-half), GQA attention over the cache, attn_sub_norm, o_proj, the gated FFN
+(ReLU² or SiLU) with its sub-norm. The config's architecture choices (hidden_act, sub_norms,
+qkv_bias, tie_word_embeddings) select the same variants as model.py does, so 2B4T and converted
+Llama / Qwen2 models run on one engine. Only the BitLinears differ: instead of float matmuls of
+fake-quantized tensors, the activations are quantized to int8 once per token, multiplied exactly
+with the packed ternary codes, and rescaled by 1 / (s_w * s_a), then a bias is added. That is the
+same number up to float32 rounding.
 
 The kernels come from one narrow door, chosen by device: bitnet_train.kernels.cuda on a GPU,
 bitnet_train.kernels.cpu otherwise (compiled AVX2 / scalar, or its pure-torch fallback). The two
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu as cpu_door
-from ..model import RotaryEmbedding, apply_rope
+from ..model import ACTIVATIONS, RotaryEmbedding, apply_rope
 from .weights import EngineWeights, LayerWeights, TernaryLinear, load_weights
 
 
@@ -43,8 +46,11 @@ def door_for(device: torch.device):
     return cpu_door
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """model.RMSNorm's operations in the same order (the engine runs in float32 throughout)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """model.RMSNorm's operations in the same order (the engine runs in float32 throughout); no
+    weight is no norm (model.sub_norm's Identity)."""
+    if weight is None:
+        return x
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
@@ -95,7 +101,7 @@ class KVCache:
 
 
 class Engine:
-    """Prefill and decode of an exported BitNet b1.58 model on the ternary kernels."""
+    """Prefill and decode of an exported ternary model (2B4T or converted) on the ternary kernels."""
 
     def __init__(self, weights: EngineWeights, device: str | torch.device | None = None):
         self.device = torch.device(device) if device is not None else default_device()
@@ -105,14 +111,15 @@ class Engine:
         self.n_heads, self.n_kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = c.hidden_size // c.num_attention_heads
         self.eps = c.rms_norm_eps
+        self.act = ACTIVATIONS[c.hidden_act]
         self.rotary = RotaryEmbedding(self.head_dim, c.rope_parameters["rope_theta"]).to(self.device)
         self.native = None
         if self.device.type == "cpu":
             self.native = cpu_door.native_decoder(
-                c.hidden_size, c.intermediate_size, self.n_heads, self.n_kv_heads, self.eps,
-                [(l.input_norm, l.qkv.qweight, l.qkv.row_scale, l.attn_sub_norm, l.o.qweight, l.o.row_scale,
-                  l.post_norm, l.gate_up.qweight, l.gate_up.row_scale, l.ffn_sub_norm, l.down.qweight,
-                  l.down.row_scale) for l in self.weights.layers])
+                c.hidden_size, c.intermediate_size, self.n_heads, self.n_kv_heads, self.eps, c.hidden_act,
+                [(l.input_norm, l.qkv.qweight, l.qkv.row_scale, l.qkv.bias, l.attn_sub_norm, l.o.qweight,
+                  l.o.row_scale, l.post_norm, l.gate_up.qweight, l.gate_up.row_scale, l.ffn_sub_norm,
+                  l.down.qweight, l.down.row_scale) for l in self.weights.layers])
 
     @classmethod
     def from_export(cls, directory: str | Path, head_dtype: str = "fp32", device=None) -> "Engine":
@@ -166,7 +173,7 @@ class Engine:
         x = x + self._attention(i, layer, rms_norm(x, layer.input_norm, self.eps), rope, cache)
         h = rms_norm(x, layer.post_norm, self.eps)
         gate, up = self.linear(h, layer.gate_up)
-        return x + self.linear(rms_norm(F.relu(gate).square() * up, layer.ffn_sub_norm, self.eps), layer.down)[0]
+        return x + self.linear(rms_norm(self.act(gate) * up, layer.ffn_sub_norm, self.eps), layer.down)[0]
 
     def _attention(self, i: int, layer: LayerWeights, x, rope, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -200,4 +207,6 @@ class Engine:
             dot = self.door.ternary_matmul_int(q, lin.qweight)
             # The kernels' rescale, float32 for float32: dot / (s_w * s_a), with s_w per row.
             y = dot.float() / (lin.row_scale * s_a[:, None])
+        if lin.bias is not None:  # after the rescale, as BitLinear's F.linear adds it
+            y = y + lin.bias
         return tuple(part.view(*lead, -1) for part in y.split(lin.splits, dim=-1))

@@ -42,20 +42,28 @@ class TernaryLinear:
     row_scale: torch.Tensor  # float32 (N,): s_w of the projection each row belongs to
     in_features: int
     splits: tuple[int, ...]  # rows per projection, in order
+    bias: torch.Tensor | None = None  # float32 (N,): Qwen2's q/k/v biases, added after the rescale
 
     def __post_init__(self):
         # One projection: its s_w (one element), so the door's bitlinear call can apply it.
         self.single_scale = self.row_scale[:1] if len(self.splits) == 1 else None
 
     def to(self, device) -> "TernaryLinear":
-        return TernaryLinear(self.qweight.to(device), self.row_scale.to(device), self.in_features, self.splits)
+        return TernaryLinear(self.qweight.to(device), self.row_scale.to(device), self.in_features, self.splits,
+                             _to(self.bias, device))
 
 
-def fuse(parts: list[tuple[torch.Tensor, torch.Tensor]], in_features: int) -> TernaryLinear:
-    """Concatenate (qweight, qscale) pairs of projections with a common input."""
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def fuse(parts: list[tuple[torch.Tensor, torch.Tensor]], in_features: int,
+         biases: list[torch.Tensor] | None = None) -> TernaryLinear:
+    """Concatenate (qweight, qscale) pairs of projections with a common input (and their biases)."""
     qweight = torch.cat([q for q, _ in parts]).contiguous()
     row_scale = torch.cat([s.float().reshape(1).expand(q.shape[0]) for q, s in parts]).contiguous()
-    return TernaryLinear(qweight, row_scale, in_features, tuple(q.shape[0] for q, _ in parts))
+    bias = torch.cat([b.float() for b in biases]).contiguous() if biases else None
+    return TernaryLinear(qweight, row_scale, in_features, tuple(q.shape[0] for q, _ in parts), bias)
 
 
 @dataclass
@@ -122,13 +130,15 @@ class Head:
 
 @dataclass
 class LayerWeights:
+    """One decoder layer; a sub-norm is None where the model has none (a converted Llama without SubLN)."""
+
     input_norm: torch.Tensor
     qkv: TernaryLinear
-    attn_sub_norm: torch.Tensor
+    attn_sub_norm: torch.Tensor | None
     o: TernaryLinear
     post_norm: torch.Tensor
     gate_up: TernaryLinear
-    ffn_sub_norm: torch.Tensor
+    ffn_sub_norm: torch.Tensor | None
     down: TernaryLinear
 
 
@@ -142,7 +152,7 @@ class EngineWeights:
 
     def to(self, device) -> "EngineWeights":
         layers = [
-            LayerWeights(**{k: v.to(device) for k, v in vars(layer).items()}) for layer in self.layers
+            LayerWeights(**{k: _to(v, device) for k, v in vars(layer).items()}) for layer in self.layers
         ]
         return EngineWeights(self.config, self.embed.to(device), layers, self.norm.to(device), self.head.to(device))
 
@@ -150,24 +160,29 @@ class EngineWeights:
 def build_weights(config: BitNetTrainConfig, get, head_dtype: str = "fp32") -> EngineWeights:
     """Engine weights from `get(name)`: float tensors by their training names, and for each BitLinear
     module `NAME`, `get("NAME.qweight")` (2-bit layout) and `get("NAME.qscale")`, already checked
-    (own_format.read_packed)."""
+    (own_format.read_packed). The config's architecture choices (model.py) say which tensors exist:
+    sub-norms with `sub_norms`, q/k/v biases with `qkv_bias`."""
     hidden, inter = config.hidden_size, config.intermediate_size
     attention_width = config.num_attention_heads * (hidden // config.num_attention_heads)
 
-    def ternary(prefix: str, names, in_features: int) -> TernaryLinear:
-        return fuse([(get(f"{prefix}.{n}.qweight"), get(f"{prefix}.{n}.qscale")) for n in names], in_features)
+    def ternary(prefix: str, names, in_features: int, bias: bool = False) -> TernaryLinear:
+        parts = [(get(f"{prefix}.{n}.qweight"), get(f"{prefix}.{n}.qscale")) for n in names]
+        return fuse(parts, in_features, [get(f"{prefix}.{n}.bias") for n in names] if bias else None)
+
+    def sub_norm(name: str) -> torch.Tensor | None:
+        return get(f"{name}.weight").float() if config.sub_norms else None
 
     layers = []
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}"
         layers.append(LayerWeights(
             input_norm=get(f"{p}.input_layernorm.weight").float(),
-            qkv=ternary(f"{p}.self_attn", ATTENTION, hidden),
-            attn_sub_norm=get(f"{p}.self_attn.attn_sub_norm.weight").float(),
+            qkv=ternary(f"{p}.self_attn", ATTENTION, hidden, bias=config.qkv_bias),
+            attn_sub_norm=sub_norm(f"{p}.self_attn.attn_sub_norm"),
             o=ternary(f"{p}.self_attn", ("o_proj",), attention_width),
             post_norm=get(f"{p}.post_attention_layernorm.weight").float(),
             gate_up=ternary(f"{p}.mlp", GATE_UP, hidden),
-            ffn_sub_norm=get(f"{p}.mlp.ffn_sub_norm.weight").float(),
+            ffn_sub_norm=sub_norm(f"{p}.mlp.ffn_sub_norm"),
             down=ternary(f"{p}.mlp", ("down_proj",), inter),
         ))
     embed = get("model.embed_tokens.weight").float()

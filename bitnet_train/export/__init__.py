@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, atomic_directory
+from ..checkpoint import atomic_directory
 from . import gguf_format, hf_format, own_format
 from .sizes import SizeReport, file_report
-from .source import TernaryCheckpoint, read_checkpoint, stock_architecture
+from .source import TernaryCheckpoint, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -24,18 +24,10 @@ class Format:
     check: Callable[[TernaryCheckpoint], None] = lambda ckpt: None  # raises before anything is written
 
 
-def check_engine_architecture(ckpt: TernaryCheckpoint) -> None:
-    """Our own format is read by our engine, which computes 2B4T's graph (ReLU², sub-norms) only."""
-    if stock_architecture(ckpt.config) != "bitnet" or ckpt.config.hidden_act != "relu2":
-        raise CheckpointError(
-            f"{ckpt.path}: our own format and engine run the BitNet 2B4T architecture (relu2 FFN, sub-norms); "
-            "this converted Llama-family model runs in stock transformers (--formats hf) and llama.cpp (gguf-tq2)"
-        )
-
-
 FORMATS = {
-    "own": Format(partial(own_format.write, layout="2bit"), check_engine_architecture),
-    "own-1.6": Format(partial(own_format.write, layout="base3"), check_engine_architecture),
+    # Our engine runs every architecture the training model has (2B4T and converted Llama / Qwen2).
+    "own": Format(partial(own_format.write, layout="2bit")),
+    "own-1.6": Format(partial(own_format.write, layout="base3")),
     "hf": Format(hf_format.write, hf_format.check),
     **{
         f"gguf-{key}": Format(partial(gguf_format.write, qtype=qtype), partial(gguf_format.check, qtype=qtype))

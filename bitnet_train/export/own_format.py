@@ -2,10 +2,12 @@
 the format's name, its writer and its one checked reader.
 
 `write` stores each BitLinear as `NAME.qweight` (packed codes) + `NAME.qscale` (s), everything
-else in float32, plus config.json and the tokenizer. `read_packed` verifies the checksums, checks
-every tensor against the config and hands back the BitLinears in the 2-bit layout whatever the
-file's layout: the engine (engine/weights.py) builds on it, and so does `load_packed_model`, the
-pure-torch model whose weights are codes / s.
+else in float32 (norms, embedding, Qwen2's q/k/v biases), plus config.json and the tokenizer.
+config.json is the training config, so it records the architecture choices the engine computes
+(model.py: hidden_act, sub_norms, qkv_bias, tie_word_embeddings). `read_packed` verifies the
+checksums, checks every tensor against the config and hands back the BitLinears in the 2-bit
+layout whatever the file's layout: the engine (engine/weights.py) builds on it, and so does
+`load_packed_model`, the pure-torch model whose weights are codes / s.
 """
 import copy
 from dataclasses import dataclass
@@ -33,6 +35,10 @@ if TYPE_CHECKING:  # source.py imports PACKED_FORMAT from here
     from .source import TernaryCheckpoint
 
 PACKED_FORMAT = "bitnet-train-packed"  # the safetensors metadata "format" of every file we write
+# The metadata "version": 1 (no key) was written when only 2B4T could be exported; its config.json
+# lacks sub_norms/qkv_bias, whose defaults are 2B4T's, so it reads as before. 2 adds converted
+# Llama-family models. A newer version may hold tensors this reader does not know: refused.
+FORMAT_VERSION = 2
 WEIGHTS = "model.safetensors"
 # layout name (stored in the safetensors metadata) -> pack, row bytes for in_features
 LAYOUTS = {
@@ -47,7 +53,8 @@ def write(ckpt: "TernaryCheckpoint", out: Path, layout: str) -> Path:
     for w in ckpt.ternary:
         tensors[f"{w.module}.qweight"] = pack(w.codes)
         tensors[f"{w.module}.qscale"] = w.scale.reshape(1)
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": PACKED_FORMAT, "layout": layout})
+    save_file(tensors, str(out / WEIGHTS),
+              metadata={"format": PACKED_FORMAT, "layout": layout, "version": str(FORMAT_VERSION)})
     config = copy.deepcopy(ckpt.config)
     # Marks the directory as packed: training's init_from (model_factory.load_checkpoint_model)
     # refuses offline-quantized checkpoints instead of loading qweight-less BitLinears at random.
@@ -124,6 +131,12 @@ def packed_layout(f, path: Path) -> str:
             f"{path} is not a {PACKED_FORMAT} file (metadata {meta}): only the `own` and `own-1.6` formats of "
             "`bitnet-train export` hold packed weights; export the checkpoint again with one of them"
         )
+    version = meta.get("version", "1")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is {PACKED_FORMAT} version {version}; this bitnet-train reads versions 1 to {FORMAT_VERSION}: "
+            "upgrade bitnet-train, or export the checkpoint again with this one"
+        )
     return meta["layout"]
 
 
@@ -178,12 +191,12 @@ class PackedBitLinear(BitLinear):
     Running BitLinear's weight quantizer again would be wrong: mean|codes / s| is (nonzero
     fraction) / s, so the re-derived scale shrinks every weight (llama.cpp's converter bug:
     convert_hf_to_gguf.py re-ternarizes with a mean|W| scale). Activations are quantized exactly
-    as in training.
+    as in training, and a bias is added after the product, as BitLinear does.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = straight_through(x, quantize_activation(x))
-        return F.linear(x, self.weight.to(x.dtype))
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 def load_packed_model(directory: str | Path) -> BitNetTrainForCausalLM:
@@ -194,7 +207,8 @@ def load_packed_model(directory: str | Path) -> BitNetTrainForCausalLM:
     for name, lin in export.linears.items():
         module = model.get_submodule(name)
         state[f"{name}.weight"] = unpack_ternary(lin.qweight, lin.in_features) / lin.scale
-        model.set_submodule(name, PackedBitLinear(module.in_features, module.out_features))
+        packed = PackedBitLinear(module.in_features, module.out_features, bias=module.bias is not None)
+        model.set_submodule(name, packed)
     if export.config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state)

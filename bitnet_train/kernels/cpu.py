@@ -185,20 +185,21 @@ def int4_weight_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
     return torch.from_numpy(ext.int4_weight_linear(x.numpy(), packed.numpy(), scales.numpy(), rows))
 
 
-def native_decoder(hidden: int, intermediate: int, heads: int, kv_heads: int, eps: float,
-                   layers: list[tuple[torch.Tensor, ...]]):
+def native_decoder(hidden: int, intermediate: int, heads: int, kv_heads: int, eps: float, activation: str,
+                   layers: list[tuple[torch.Tensor | None, ...]]):
     """The compiled decoder stack (kernels/cpu/decoder.h): every layer of a forward step in one call,
     or None where the extension is missing (then the engine runs its layers op by op in torch).
 
-    layers: per layer (input_norm, qkv qweight, qkv row scales, attn_sub_norm, o qweight, o row
-    scales, post_norm, gate_up qweight, gate_up row scales, ffn_sub_norm, down qweight, down row
-    scales), float32 and packed uint8 tensors it keeps references to.
+    activation: model.py's hidden_act, relu2 or silu. layers: per layer (input_norm, qkv qweight, qkv
+    row scales, qkv bias, attn_sub_norm, o qweight, o row scales, post_norm, gate_up qweight, gate_up
+    row scales, ffn_sub_norm, down qweight, down row scales), float32 and packed uint8 tensors it
+    keeps references to; None for a bias or sub-norm the model does not have.
     """
     ext = _native()
     if ext is None:
         return None
-    arrays = [tuple(_cpu(t, "decoder weight").numpy() for t in layer) for layer in layers]
-    return ext.Decoder(hidden, intermediate, heads, kv_heads, eps, arrays)
+    arrays = [tuple(None if t is None else _cpu(t, "decoder weight").numpy() for t in layer) for layer in layers]
+    return ext.Decoder(hidden, intermediate, heads, kv_heads, eps, activation, arrays)
 
 
 # ---------------------------------------------------------------------- torch reference

@@ -256,28 +256,30 @@ py::array_t<float> int4_weight_linear(const py::handle& x_obj, const py::handle&
 // alive) so that a forward step passes only its activations.
 class Decoder {
  public:
-  Decoder(int64_t hidden, int64_t intermediate, int64_t heads, int64_t kv_heads, float eps, const py::list& layers) {
+  Decoder(int64_t hidden, int64_t intermediate, int64_t heads, int64_t kv_heads, float eps,
+          const std::string& activation, const py::list& layers) {
     if (hidden < 1 || intermediate < 1 || heads < 1 || kv_heads < 1 || hidden % heads != 0 || heads % kv_heads != 0 ||
         (hidden / heads) % 2 != 0) {
       throw py::value_error("Decoder: hidden " + std::to_string(hidden) + ", heads " + std::to_string(heads) +
                             ", kv_heads " + std::to_string(kv_heads) +
                             " do not make an even head_dim shared by whole GQA groups");
     }
-    shape_ = {hidden, intermediate, heads, kv_heads, hidden / heads, eps};
+    shape_ = {hidden, intermediate, heads, kv_heads, hidden / heads, eps, parse_activation(activation)};
     const int64_t kv = kv_heads * shape_.head_dim;
     for (size_t i = 0; i < layers.size(); ++i) {
       const auto t = layers[i].cast<py::tuple>();
-      if (t.size() != 12) throw py::value_error("Decoder: layer " + std::to_string(i) + " needs 12 arrays");
+      if (t.size() != 13) throw py::value_error("Decoder: layer " + std::to_string(i) + " needs 13 entries");
       const std::string at = "Decoder: layer " + std::to_string(i) + " ";
       bitnet::DecoderLayer l;
       l.input_norm = vector(t[0], at + "input_norm", hidden);
       l.qkv = projection(t[1], t[2], at + "qkv", hidden + 2 * kv, hidden);
-      l.attn_sub_norm = vector(t[3], at + "attn_sub_norm", hidden);
-      l.o = projection(t[4], t[5], at + "o", hidden, hidden);
-      l.post_norm = vector(t[6], at + "post_norm", hidden);
-      l.gate_up = projection(t[7], t[8], at + "gate_up", 2 * intermediate, hidden);
-      l.ffn_sub_norm = vector(t[9], at + "ffn_sub_norm", intermediate);
-      l.down = projection(t[10], t[11], at + "down", hidden, intermediate);
+      l.qkv_bias = optional_vector(t[3], at + "qkv bias", hidden + 2 * kv);
+      l.attn_sub_norm = optional_vector(t[4], at + "attn_sub_norm", hidden);
+      l.o = projection(t[5], t[6], at + "o", hidden, hidden);
+      l.post_norm = vector(t[7], at + "post_norm", hidden);
+      l.gate_up = projection(t[8], t[9], at + "gate_up", 2 * intermediate, hidden);
+      l.ffn_sub_norm = optional_vector(t[10], at + "ffn_sub_norm", intermediate);
+      l.down = projection(t[11], t[12], at + "down", hidden, intermediate);
       layers_.push_back(l);
     }
   }
@@ -325,6 +327,17 @@ class Decoder {
     if (a.shape(0) != n) throw py::value_error(name + " must have " + std::to_string(n) + " values");
     keep_.push_back(a);
     return data<float>(a);
+  }
+
+  // None: the model has no such tensor (a Llama's sub-norms, a bias-free q/k/v).
+  const float* optional_vector(const py::handle& obj, const std::string& name, int64_t n) {
+    return obj.is_none() ? nullptr : vector(obj, name, n);
+  }
+
+  static bitnet::Activation parse_activation(const std::string& name) {
+    if (name == "relu2") return bitnet::Activation::kRelu2;
+    if (name == "silu") return bitnet::Activation::kSilu;
+    throw py::value_error("Decoder: activation '" + name + "' is not one the decoder computes; use 'relu2' or 'silu'");
   }
 
   // The decoder reads its own copy of the weights in the streaming layout (group_rows).
@@ -397,10 +410,12 @@ PYBIND11_MODULE(_cpu_kernels, m) {
   m.def("int4_weight_linear", &int4_weight_linear, py::arg("x"), py::arg("weight"), py::arg("scales"),
         py::arg("rows"), "float32 (M, K) x 4-bit grouped weight (kernels/cpu/int4_weights.h) -> float32 (M, rows)");
   py::class_<Decoder>(m, "Decoder", "the whole decoder stack of a model, one call per forward step")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, float, const py::list&>(), py::arg("hidden"),
-           py::arg("intermediate"), py::arg("heads"), py::arg("kv_heads"), py::arg("eps"), py::arg("layers"),
-           "layers: per layer (input_norm, qkv qweight, qkv row scales, attn_sub_norm, o qweight, o row scales, "
-           "post_norm, gate_up qweight, gate_up row scales, ffn_sub_norm, down qweight, down row scales)")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, float, const std::string&, const py::list&>(),
+           py::arg("hidden"), py::arg("intermediate"), py::arg("heads"), py::arg("kv_heads"), py::arg("eps"),
+           py::arg("activation"), py::arg("layers"),
+           "activation: 'relu2' or 'silu'; layers: per layer (input_norm, qkv qweight, qkv row scales, qkv bias "
+           "or None, attn_sub_norm or None, o qweight, o row scales, post_norm, gate_up qweight, gate_up row "
+           "scales, ffn_sub_norm or None, down qweight, down row scales)")
       .def("forward", &Decoder::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("past"),
            "x (batch, tokens, hidden) float32, in place: embeddings in, last hidden state out; appends the "

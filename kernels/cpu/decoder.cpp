@@ -76,28 +76,31 @@ class Step {
         ffn_(sized(ws.ffn, rows_ * shape.intermediate)), out_(sized(ws.out, rows_ * shape.hidden)) {}
 
   void layer(int64_t index, const DecoderLayer& l) {
-    // Attention block: x += o_proj(attn_sub_norm(attention(rope(qkv(input_norm(x))))))
-    norm_rows(st_.x, l.input_norm, s_.hidden);
-    project(normed_.data(), l.qkv, qkv_.data());
+    // Attention block: x += o_proj(attn_sub_norm(attention(rope(qkv(input_norm(x)) + bias))))
+    project(norm_rows(st_.x, l.input_norm, s_.hidden), l.qkv, qkv_.data());
+    if (l.qkv_bias != nullptr) add_bias(l.qkv_bias, q_cols_ + 2 * kv_cols_);
     rope_and_cache(index);
     attend(index);
-    norm_rows(attended_.data(), l.attn_sub_norm, q_cols_);
-    project(normed_.data(), l.o, out_.data());
+    project(norm_rows(attended_.data(), l.attn_sub_norm, q_cols_), l.o, out_.data());
     add_to_x();
 
-    // FFN block: x += down(ffn_sub_norm(relu(gate)^2 * up)), gate/up of post_norm(x)
-    norm_rows(st_.x, l.post_norm, s_.hidden);
-    project(normed_.data(), l.gate_up, gate_up_.data());
-    relu2_glu();
-    norm_rows(ffn_.data(), l.ffn_sub_norm, s_.intermediate);
-    project(normed_.data(), l.down, out_.data());
+    // FFN block: x += down(ffn_sub_norm(act(gate) * up)), gate/up of post_norm(x)
+    project(norm_rows(st_.x, l.post_norm, s_.hidden), l.gate_up, gate_up_.data());
+    if (s_.activation == Activation::kRelu2) {
+      glu([](float g) { const float relu = std::max(g, 0.0f); return relu * relu; });
+    } else {
+      glu([](float g) { return g / (1.0f + std::exp(-g)); });  // torch's silu, in the same order
+    }
+    project(norm_rows(ffn_.data(), l.ffn_sub_norm, s_.intermediate), l.down, out_.data());
     add_to_x();
   }
 
  private:
-  // normed_ (rows, n) = rms_norm(in (rows, n)).
-  void norm_rows(const float* in, const float* weight, int64_t n) {
+  // rms_norm(in (rows, n)) in normed_; a missing norm (weight nullptr: a Llama's sub-norms) is in itself.
+  const float* norm_rows(const float* in, const float* weight, int64_t n) {
+    if (weight == nullptr) return in;
     parallel_for(rows_, threads_, [&](int64_t r) { rms_norm(in + r * n, weight, n, s_.eps, normed_.data() + r * n); });
+    return normed_.data();
   }
 
   // out (rows, p.n) = BitLinear(in (rows, p.k)): int8 activations per token, exact integer
@@ -157,16 +160,23 @@ class Step {
     });
   }
 
-  void relu2_glu() {
+  // ffn_ = act(gate) * up, the activation rounded to float before the product as in torch.
+  template <class Act>
+  void glu(Act act) {
     const int64_t n = s_.intermediate;
     parallel_for(rows_, threads_, [&](int64_t r) {
       const float *gate = gate_up_.data() + r * 2 * n, *up = gate + n;
       float* h = ffn_.data() + r * n;
-      for (int64_t i = 0; i < n; ++i) {
-        const float relu = std::max(gate[i], 0.0f);
-        h[i] = relu * relu * up[i];
-      }
+      for (int64_t i = 0; i < n; ++i) h[i] = act(gate[i]) * up[i];
     });
+  }
+
+  // qkv_ (rows, n) += bias: after the rescale, as BitLinear's F.linear adds it.
+  void add_bias(const float* bias, int64_t n) {
+    for (int64_t r = 0; r < rows_; ++r) {
+      float* row = qkv_.data() + r * n;
+      for (int64_t i = 0; i < n; ++i) row[i] = row[i] + bias[i];
+    }
   }
 
   void add_to_x() {

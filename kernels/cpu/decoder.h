@@ -1,10 +1,12 @@
 // The whole BitNet b1.58 decoder stack on the CPU kernels: every layer of a forward step in one call.
 //
 // The maths is bitnet_train/engine/model.py's torch path, operation for operation (which is
-// model.py's): RMSNorm, fused q/k/v, RoPE (rotate-half), GQA attention over the KV cache,
-// attn_sub_norm, o_proj, residual; RMSNorm, fused gate/up, ReLU²·up, ffn_sub_norm, down_proj,
-// residual. Running it here instead of as ~40 torch calls per layer is what makes decode
-// memory-bound: at batch 1 a torch op costs about as much as the GEMV beside it.
+// model.py's): RMSNorm, fused q/k/v (+ Qwen2's biases), RoPE (rotate-half), GQA attention over the
+// KV cache, attn_sub_norm, o_proj, residual; RMSNorm, fused gate/up, act(gate)·up, ffn_sub_norm,
+// down_proj, residual. The architecture choices are model.py's: the activation (2B4T's ReLU² or
+// Llama's SiLU), sub-norms present or not, q/k/v biases present or not; each is one branch per
+// layer, none per value. Running it here instead of as ~40 torch calls per layer is what makes
+// decode memory-bound: at batch 1 a torch op costs about as much as the GEMV beside it.
 #pragma once
 
 #include <cstdint>
@@ -22,9 +24,11 @@ struct Projection {
   int64_t row_group;
 };
 
+// nullptr marks what a model does not have: a Llama's sub-norms, every bias but Qwen2's.
 struct DecoderLayer {
   const float* input_norm;
-  Projection qkv;  // q rows, then k, then v
+  Projection qkv;        // q rows, then k, then v
+  const float* qkv_bias;  // (q + k + v rows,), added after the rescale, as BitLinear does
   const float* attn_sub_norm;
   Projection o;
   const float* post_norm;
@@ -33,9 +37,13 @@ struct DecoderLayer {
   Projection down;
 };
 
+// model.ACTIVATIONS: the FFN's gate activation.
+enum class Activation { kRelu2, kSilu };
+
 struct DecoderShape {
   int64_t hidden, intermediate, heads, kv_heads, head_dim;
   float eps;
+  Activation activation;
 };
 
 // The step's tokens continue a cached sequence: positions past .. past + tokens - 1.
