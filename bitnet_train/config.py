@@ -51,6 +51,14 @@ class WeightDecayShape(Choice):
     cosine = "cosine"
 
 
+class BitLinearKernel(Choice):
+    """How BitLinear computes in training: torch's fake-quant ops (any device) or the fused
+    Triton kernels (CUDA; kernels/triton_bitlinear.py), with the same codes and results."""
+
+    torch = "torch"
+    triton = "triton"
+
+
 class WandbMode(Choice):
     auto = "auto"  # online if WANDB_API_KEY is set, else offline
     online = "online"
@@ -80,6 +88,7 @@ class ModelConfig:
     # False gives the same architecture in full precision: the baseline for every ternary run.
     quantize: bool = True
     gradient_checkpointing: bool = False
+    bitlinear_kernel: BitLinearKernel = BitLinearKernel.torch
 
 
 @dataclass

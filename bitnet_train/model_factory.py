@@ -24,6 +24,7 @@ def model_config(cfg: ModelConfig, vocab_size: int, **special_token_ids) -> BitN
     fields = asdict(cfg)
     rope_theta = fields.pop("rope_theta")
     fields.pop("gradient_checkpointing")  # how to train, not what the model is
+    fields.pop("bitlinear_kernel")  # likewise (pipeline.py sets it on the built model)
     return BitNetTrainConfig(
         vocab_size=vocab_size,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},

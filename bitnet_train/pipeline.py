@@ -21,8 +21,10 @@ from .data.chat import check_wrong_reply_fraction
 from .data.preflight import check_stage_data
 from .data.tokenizer import load_tokenizer
 from .distributed import mixed_precision
+from .kernels.triton_support import triton_unavailable_reason
 from .scoring.report import write_report
 from .model_factory import build_model, load_checkpoint_model
+from .quant import set_bitlinear_kernel
 from .schedules import validate as validate_schedule
 from .stages import build_stage
 from .trainer import RunContext, train
@@ -37,6 +39,8 @@ AFTER_TRAINING = {"report": write_report}
 def validate_run(cfg: RunConfig) -> None:
     """Everything that can be checked before compute is spent, for every stage of the pipeline
     (a bad SFT file must not wait for pretraining to finish to be named)."""
+    if cfg.model.bitlinear_kernel == "triton" and (reason := triton_unavailable_reason()):
+        raise ConfigError(f"model.bitlinear_kernel=triton: {reason}")
     for i, name in enumerate(cfg.pipeline):
         if name in AFTER_TRAINING:
             if any(later in cfg.stages for later in cfg.pipeline[i:]):
@@ -138,6 +142,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Path]:
             torch.manual_seed(cfg.seed)
             init = stage_cfg.init_from or previous
             model = load_checkpoint_model(init, cfg.model.quantize) if init else build_model(cfg.model, tokenizer)
+            set_bitlinear_kernel(model, str(cfg.model.bitlinear_kernel))
             stage = build_stage(stage_cfg.kind, stage_cfg, tokenizer, cfg.seed, model.config.max_position_embeddings)
             ctx = RunContext(
                 stage_dir=stage_dir,

@@ -72,7 +72,10 @@ class BitLinear(nn.Linear):
     `quantize=False` gives the full-precision baseline with the same parameters. A bias (Qwen2's
     q/k/v) is added in full precision after the ternary product, as llama.cpp and transformers do.
     `strength` is the warm-up's λ (set_quant_strength); 1 outside a conversion.
+    `fused` is set_bitlinear_kernel's fused forward (same maths); None runs the code below.
     """
+
+    fused = None
 
     def __init__(self, in_features: int, out_features: int, quantize: bool = True, bias: bool = False, **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
@@ -82,6 +85,8 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize:
             return F.linear(x, self.weight, self.bias)
+        if self.fused is not None and self.strength == 1.0:  # the warm-up's blend has no fused path
+            return self.fused(x, self.weight, self.bias)
         w = straight_through(self.weight, quantize_weight(self.weight), self.strength)
         x = straight_through(x, quantize_activation(x), self.strength)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -97,6 +102,23 @@ def set_quant_strength(model: nn.Module, strength: float) -> None:
     for module in model.modules():
         if isinstance(module, BitLinear):
             module.strength = strength
+
+
+def set_bitlinear_kernel(model: nn.Module, kernel: str) -> None:
+    """How every BitLinear in `model` computes: "torch" (the fake-quant forward above, any device)
+    or "triton" (kernels/triton_bitlinear.py: int8 tensor-core GEMM on CUDA, the same results)."""
+    if kernel == "triton":
+        from .kernels.triton_support import require_triton
+
+        require_triton("model.bitlinear_kernel=triton")
+        from .kernels.triton_bitlinear import bitlinear as fused
+    elif kernel == "torch":
+        fused = None
+    else:
+        raise ValueError(f"bitlinear kernel {kernel!r} is unknown; use torch or triton")
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.fused = fused
 
 
 def warmup_strength(step: int, warmup_steps: int) -> float:
