@@ -2,7 +2,7 @@
 
     bitnet-train [train] recipes=quickstart key=value ...   run the configured pipeline
     bitnet-train train --cfg job recipes=quickstart         print the resolved config
-    bitnet-train bench train|kernels|engine|cuda|data       benchmarks (not tests)
+    bitnet-train bench train|train-gpu|kernels|engine|cuda|data  benchmarks (not tests)
     bitnet-train export CHECKPOINT --out DIR                packed checkpoints for serving
     bitnet-train eval EXPORT_DIR --ppl builtin --generate P  an export on the inference engine
     bitnet-train -m recipes=sweep_lr_drop                   a Hydra sweep (docs/launch.md)
@@ -157,6 +157,8 @@ def bench_main(argv: list[str]) -> None:
     which = argv[0] if argv else "train"
     if which == "train":
         from .bench.train_step import main
+    elif which == "train-gpu":
+        from .bench.train_step import gpu_main as main
     elif which == "kernels":
         from .bench.kernels import main
     elif which == "engine":
@@ -166,7 +168,8 @@ def bench_main(argv: list[str]) -> None:
     elif which == "data":
         from .bench.data import main
     else:
-        raise SystemExit(f"bitnet-train bench: unknown benchmark {which!r}; use train, kernels, engine, cuda or data")
+        raise SystemExit(f"bitnet-train bench: unknown benchmark {which!r}; "
+                         "use train, train-gpu, kernels, engine, cuda or data")
     main(argv[1:])
 
 

@@ -1,16 +1,34 @@
-"""Benchmark (not a test): one training step of the ternary model against the same model with
-quantize=false, in one process, interleaved, so machine noise hits both alike.
+"""Benchmarks (not tests) of one training step (forward, backward, AdamW).
 
     bitnet-train bench train [--model tiny|125m] [--batch 8] [--seq 256] [--reps 10]
+
+times the ternary model against the same model with quantize=false on the CPU, in one process,
+interleaved, so machine noise hits both alike.
+
+    bitnet-train bench train-gpu [--models 700m 2b4t] [--variants ...] [--json FILE]
+
+times, on one CUDA GPU, bf16 autocast with float32 master weights (as `precision=bf16` trains):
+the quantize=false baseline, our QAT with the fused Triton BitLinear and with the pure-torch
+one, and the same model with its BitLinears handed to torchao's `bitnet_training()` and to
+onebitllms' `BitNetLinear` (`pip install -c constraints.txt .[bench]`). Each variant is built,
+warmed up and timed in turn (several 2B-parameter models with AdamW states do not fit together,
+so the rounds cannot interleave); the baseline is timed first and again last, and the table
+shows both, so drift over the run is visible.
 """
 import argparse
+import json
 import statistics
 import time
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
+from ..estimate import ModelShape, flops_per_token, memory_per_gpu
 from ..model import BitNetTrainConfig, BitNetTrainForCausalLM
 from ..model_factory import named_model_config
+from ..quant import BitLinear, set_bitlinear_kernel
 
 
 def step_time(model, optimizer, ids) -> float:
@@ -60,6 +78,212 @@ def main(argv=None) -> None:
     for name in ("fp32", "ternary"):
         print(f"| {name} (quantize={name == 'ternary'}) | {r[name] * 1e3:.1f} | {tokens / r[name]:,.0f} | "
               f"{r[name] / r['fp32']:.2f}x |")
+
+
+# --- bench train-gpu -----------------------------------------------------------------------
+
+LLAMA3_VOCAB = 128256  # 2B4T's tokenizer; also the 700m config's in docs/bench_cuda.md
+# Dense bf16 tensor-core peak (no sparsity), for MFU; --peak-tflops for other GPUs.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def use_torchao(model: nn.Module) -> None:
+    """torchao's BitNet training (its prototype API, torchao 0.18): every BitLinear's weight
+    becomes a BitNetTrainingLinearWeight, whose F.linear quantizes and runs torch._int_mm.
+    Our BitLinears are switched to a plain F.linear first, so nothing is quantized twice."""
+    from torchao import quantize_
+    from torchao.prototype.quantized_training import bitnet_training
+
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.quantize = False
+    quantize_(model, bitnet_training(), filter_fn=lambda module, fqn: isinstance(module, BitLinear))
+
+
+def use_onebitllms(model: nn.Module) -> None:
+    """onebitllms' BitNetLinear (Triton quantizers, then F.linear) in place of every BitLinear,
+    holding the same Parameter objects, so the names and the initial weights are unchanged.
+    (Its own replace_linear_with_bitnet_linear does the same but sets torch's default dtype.)"""
+    from onebitllms import BitNetLinear
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BitLinear):
+                swapped = BitNetLinear(child.in_features, child.out_features, bias=child.bias is not None)
+                swapped.weight = child.weight
+                swapped.bias = child.bias
+                setattr(parent, name, swapped)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    quantize: bool  # the BitNetTrainConfig switch the model is built with
+    prepare: Callable[[nn.Module], None]
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("bf16", False, lambda model: None),
+    Variant("qat-triton", True, lambda model: set_bitlinear_kernel(model, "triton")),
+    Variant("qat-torch", True, lambda model: None),
+    Variant("torchao", True, use_torchao),
+    Variant("onebitllms", True, use_onebitllms),
+]}
+BASELINE = "bf16"
+
+
+def build_variant(name: str, base: dict, device: str) -> nn.Module:
+    variant = VARIANTS[name]
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the GPU: a 2B model's CPU init takes minutes
+        model = BitNetTrainForCausalLM(BitNetTrainConfig(**{**base, "quantize": variant.quantize}))
+    variant.prepare(model)
+    return model.train()
+
+
+def auto_batch(shape: ModelShape, seq: int, gpu_bytes: float) -> int:
+    """The largest power-of-two batch whose estimated peak (bitnet_train.estimate) fills at most
+    80% of the GPU; the timing halves it again on an out-of-memory error."""
+    batch = 1
+    while memory_per_gpu(shape, "single_gpu", 1, 2 * batch * seq, False).total <= 0.8 * gpu_bytes:
+        batch *= 2
+    return batch
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    batch: int
+    seq: int
+    step_s: float | None = None
+    peak_gib: float | None = None
+    error: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return None if self.step_s is None else self.batch * self.seq / self.step_s
+
+
+def gpu_step(model: nn.Module, optimizer, ids: torch.Tensor) -> None:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def time_variant(model_name: str, variant: str, base: dict, batch: int, seq: int, steps: int, warmup: int) -> Row:
+    """Median step time over `steps` after `warmup` steps (optimizer states, Triton autotuning)."""
+    row = Row(model_name, variant, batch, seq)
+    model = optimizer = None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        model = build_variant(variant, base, "cuda")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+        ids = torch.randint(0, base["vocab_size"], (batch, seq), device="cuda")
+        times = []
+        for i in range(warmup + steps):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            gpu_step(model, optimizer, ids)
+            end.record()
+            end.synchronize()
+            if i >= warmup:
+                times.append(start.elapsed_time(end) / 1e3)
+        row.step_s = statistics.median(times)
+        row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    except torch.cuda.OutOfMemoryError:
+        row.error = "out of memory"
+    except Exception as e:  # a peer library failing must not cost the other rows of a GPU session
+        row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    finally:
+        del model, optimizer
+    return row
+
+
+def time_model(model_name: str, variants: list[str], batch: int, seq: int, steps: int, warmup: int) -> list[Row]:
+    """Every variant at one batch (the baseline first and last); all again at half the batch if
+    any ran out of memory, so the rows stay comparable."""
+    base = named_model_config(model_name, LLAMA3_VOCAB).to_dict()
+    order = [BASELINE, *[v for v in variants if v != BASELINE], BASELINE]
+    while True:
+        rows = []
+        for variant in order:
+            rows.append(time_variant(model_name, variant, base, batch, seq, steps, warmup))
+            print(format_row(rows[-1], rows[0], None), flush=True)
+        if batch == 1 or not any(r.error == "out of memory" for r in rows):
+            return rows
+        batch //= 2
+        print(f"out of memory: {model_name} again at batch {batch}", flush=True)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((tf for key, tf in PEAK_BF16_TFLOPS.items() if key in device_name), None)
+
+
+def mfu(row: Row, peak: float | None) -> float | None:
+    """Model FLOPs (6 per matmul parameter per token, plus causal attention; estimate.py) per
+    second over the GPU's dense bf16 peak, whatever number format the variant computes in."""
+    if peak is None or row.tokens_per_s is None:
+        return None
+    base = named_model_config(row.model, LLAMA3_VOCAB)
+    return flops_per_token(ModelShape.from_config(base, LLAMA3_VOCAB), row.seq) * row.tokens_per_s / (peak * 1e12)
+
+
+def format_row(row: Row, baseline: Row, peak: float | None) -> str:
+    shape = f"{row.batch} x {row.seq}"
+    if row.error:
+        return f"| {row.model} | {row.variant} | {shape} | failed: {row.error} | | | | |"
+    ratio = f"{row.step_s / baseline.step_s:.2f}x" if baseline.step_s else "n/a"
+    util = mfu(row, peak)
+    return (f"| {row.model} | {row.variant} | {shape} | {row.step_s * 1e3:.1f} | {row.tokens_per_s:,.0f} | {ratio} | "
+            f"{row.peak_gib:.1f} | {'n/a' if util is None else f'{100 * util:.1f}%'} |")
+
+
+def table(rows: list[Row], peak: float | None) -> str:
+    """Markdown; the ratio is the step time over the model's first baseline step time."""
+    lines = ["| model | variant | batch x seq | step (ms) | tokens/s | step vs bf16 | peak mem (GiB) | MFU |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        baseline = next(r for r in rows if r.model == row.model and r.variant == BASELINE)
+        lines.append(format_row(row, baseline, peak))
+    return "\n".join(lines)
+
+
+def gpu_main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="bitnet-train bench train-gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["700m", "2b4t"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=0, help="per model; 0: the largest that fits (auto_batch)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bitnet-train bench train-gpu: needs a CUDA GPU and torch sees none "
+                         "(the CPU benchmark is `bitnet-train bench train`)")
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or peak_tflops(name)
+    total = torch.cuda.get_device_properties(0).total_memory
+    print(f"{name}, {total / 2**30:.0f} GiB, torch {torch.__version__}; bf16 autocast, fp32 master weights, "
+          f"fused AdamW; median of {args.steps} steps after {args.warmup}", flush=True)
+    rows = []
+    for model_name in args.models:
+        base = named_model_config(model_name, LLAMA3_VOCAB)
+        batch = args.batch or auto_batch(ModelShape.from_config(base, LLAMA3_VOCAB), args.seq, total)
+        rows += time_model(model_name, args.variants, batch, args.seq, args.steps, args.warmup)
+    print(table(rows, peak))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "peak_tflops": peak,
+                       "rows": [{**asdict(r), "tokens_per_s": r.tokens_per_s, "mfu": mfu(r, peak)} for r in rows]},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""`bitnet-train bench train-gpu`'s CPU-side logic: the model variants it compares, its batch
+choice and its table. The timing itself needs a GPU (kernels/cuda/gpu_session.sh runs it)."""
+import pytest
+import torch
+
+from bitnet_train.bench import train_step as bench
+from bitnet_train.cli import bench_main
+from bitnet_train.estimate import ModelShape, memory_per_gpu
+from bitnet_train.model_factory import named_model_config
+from bitnet_train.quant import BitLinear
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32, bos_token_id=None, eos_token_id=None)
+LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
+
+
+def bitlinears(model):
+    return [m for m in model.modules() if isinstance(m, BitLinear)]
+
+
+def test_baseline_and_pure_torch_qat_differ_only_in_quantize():
+    bf16, qat = bench.build_variant("bf16", TINY, "cpu"), bench.build_variant("qat-torch", TINY, "cpu")
+    assert all(not m.quantize for m in bitlinears(bf16)) and all(m.quantize for m in bitlinears(qat))
+    assert all(m.fused is None for m in bitlinears(qat))
+    for (name, p), q in zip(bf16.state_dict().items(), qat.state_dict().values()):
+        assert torch.equal(p, q), name  # same seed, same initial weights
+
+
+def test_fused_qat_uses_the_triton_bitlinear(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # set_bitlinear_kernel refuses Triton without it on a CPU
+    model = bench.build_variant("qat-triton", TINY, "cpu")
+    assert len(bitlinears(model)) == 2 * LINEARS_PER_LAYER
+    assert all(m.quantize and m.fused is not None for m in bitlinears(model))
+
+
+def test_torchao_variant_quantizes_every_bitlinear_once():
+    pytest.importorskip("torchao")
+    from torchao.prototype.quantized_training.bitnet import BitNetTrainingLinearWeight
+
+    model = bench.build_variant("torchao", TINY, "cpu")
+    layers = bitlinears(model)
+    assert len(layers) == 2 * LINEARS_PER_LAYER
+    assert all(isinstance(m.weight, BitNetTrainingLinearWeight) and not m.quantize for m in layers)
+    assert not isinstance(model.lm_head.weight, BitNetTrainingLinearWeight)  # the head stays full precision
+
+
+def test_onebitllms_variant_swaps_every_bitlinear_keeping_names_and_weights():
+    onebitllms = pytest.importorskip("onebitllms")
+    model = bench.build_variant("onebitllms", TINY, "cpu")
+    reference = bench.build_variant("qat-torch", TINY, "cpu")
+    assert bitlinears(model) == []
+    assert sum(isinstance(m, onebitllms.BitNetLinear) for m in model.modules()) == 2 * LINEARS_PER_LAYER
+    assert list(model.state_dict()) == list(reference.state_dict())
+    for (name, p), q in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_auto_batch_is_the_largest_power_of_two_within_80_percent():
+    shape = ModelShape.from_config(named_model_config("700m", bench.LLAMA3_VOCAB), bench.LLAMA3_VOCAB)
+    gpu = 141e9
+    batch = bench.auto_batch(shape, 2048, gpu)
+    assert batch & (batch - 1) == 0
+    assert memory_per_gpu(shape, "single_gpu", 1, batch * 2048, False).total <= 0.8 * gpu
+    assert memory_per_gpu(shape, "single_gpu", 1, 2 * batch * 2048, False).total > 0.8 * gpu
+    assert bench.auto_batch(shape, 2048, gpu / 2) < batch
+
+
+def test_table_gives_ratios_to_the_first_baseline_and_names_failures():
+    rows = [bench.Row("700m", "bf16", 8, 2048, step_s=0.5, peak_gib=40.0),
+            bench.Row("700m", "qat-triton", 8, 2048, step_s=0.45, peak_gib=38.0),
+            bench.Row("700m", "torchao", 8, 2048, error="out of memory"),
+            bench.Row("700m", "bf16", 8, 2048, step_s=0.51, peak_gib=40.0)]
+    lines = bench.table(rows, peak=989.0).splitlines()
+    assert "| 700m | bf16 | 8 x 2048 | 500.0 | 32,768 | 1.00x | 40.0 |" in lines[2]
+    assert "| 0.90x | 38.0 |" in lines[3]
+    assert "failed: out of memory" in lines[4]
+    assert "| 1.02x |" in lines[5]
+
+
+def test_mfu_is_model_flops_over_the_peak():
+    row = bench.Row("700m", "bf16", 8, 2048, step_s=1.0, peak_gib=1.0)
+    shape = ModelShape.from_config(named_model_config("700m", bench.LLAMA3_VOCAB), bench.LLAMA3_VOCAB)
+    # 6 FLOPs per matmul parameter per token, the head included, plus causal attention
+    matmul_params = shape.layers * shape.block_params + shape.vocab * shape.hidden
+    flops = (6 * matmul_params + 6 * shape.layers * 2048 * shape.hidden) * 8 * 2048
+    assert bench.mfu(row, 989.0) == pytest.approx(flops / 989e12)
+    assert bench.mfu(row, None) is None
+    assert bench.peak_tflops("NVIDIA H200") == 989.0 and bench.peak_tflops("Some GPU") is None
+
+
+def test_train_gpu_refuses_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="train-gpu: needs a CUDA GPU and torch sees none"):
+        bench_main(["train-gpu", "--models", "700m"])
+
+
+def test_train_gpu_answers_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["train-gpu", "--help"])
+    assert exit_.value.code == 0 and "torchao" in capsys.readouterr().out
