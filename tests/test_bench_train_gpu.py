@@ -98,3 +98,12 @@ def test_train_gpu_answers_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench_main(["train-gpu", "--help"])
     assert exit_.value.code == 0 and "torchao" in capsys.readouterr().out
+
+
+def test_compiled_rows_compare_with_the_compiled_baseline():
+    rows = [bench.Row("700m", "bf16", 8, 2048, step_s=0.5, peak_gib=40.0),
+            bench.Row("700m", "bf16", 8, 2048, compiled=True, step_s=0.4, peak_gib=30.0),
+            bench.Row("700m", "qat-triton", 8, 2048, compiled=True, step_s=0.44, peak_gib=30.0)]
+    lines = bench.table(rows, peak=None).splitlines()
+    assert "| 700m | qat-triton (compiled) | 8 x 2048 | 440.0 |" in lines[4] and "| 1.10x |" in lines[4]
+    assert lines[4].endswith("| n/a |")  # no MFU without a known peak

@@ -16,6 +16,7 @@ so the rounds cannot interleave); the baseline is timed first and again last, an
 shows both, so drift over the run is visible.
 """
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -156,6 +157,7 @@ class Row:
     variant: str
     batch: int
     seq: int
+    compiled: bool = False
     step_s: float | None = None
     peak_gib: float | None = None
     error: str | None = None
@@ -173,15 +175,20 @@ def gpu_step(model: nn.Module, optimizer, ids: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def time_variant(model_name: str, variant: str, base: dict, batch: int, seq: int, steps: int, warmup: int) -> Row:
-    """Median step time over `steps` after `warmup` steps (optimizer states, Triton autotuning)."""
-    row = Row(model_name, variant, batch, seq)
+def time_variant(model_name: str, variant: str, base: dict, batch: int, seq: int, steps: int, warmup: int,
+                 compiled: bool) -> Row:
+    """Median step time over `steps` after `warmup` steps (optimizer states, Triton autotuning,
+    torch.compile's compilation)."""
+    row = Row(model_name, variant, batch, seq, compiled)
     model = optimizer = None
+    gc.collect()  # the previous variant's model and optimizer state
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
         model = build_variant(variant, base, "cuda")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+        if compiled:
+            model = torch.compile(model)
         ids = torch.randint(0, base["vocab_size"], (batch, seq), device="cuda")
         times = []
         for i in range(warmup + steps):
@@ -198,13 +205,14 @@ def time_variant(model_name: str, variant: str, base: dict, batch: int, seq: int
     except torch.cuda.OutOfMemoryError:
         row.error = "out of memory"
     except Exception as e:  # a peer library failing must not cost the other rows of a GPU session
-        row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        row.error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
     finally:
         del model, optimizer
     return row
 
 
-def time_model(model_name: str, variants: list[str], batch: int, seq: int, steps: int, warmup: int) -> list[Row]:
+def time_model(model_name: str, variants: list[str], batch: int, seq: int, steps: int, warmup: int,
+               compiled: bool) -> list[Row]:
     """Every variant at one batch (the baseline first and last); all again at half the batch if
     any ran out of memory, so the rows stay comparable."""
     base = named_model_config(model_name, LLAMA3_VOCAB).to_dict()
@@ -212,7 +220,7 @@ def time_model(model_name: str, variants: list[str], batch: int, seq: int, steps
     while True:
         rows = []
         for variant in order:
-            rows.append(time_variant(model_name, variant, base, batch, seq, steps, warmup))
+            rows.append(time_variant(model_name, variant, base, batch, seq, steps, warmup, compiled))
             print(format_row(rows[-1], rows[0], None), flush=True)
         if batch == 1 or not any(r.error == "out of memory" for r in rows):
             return rows
@@ -235,20 +243,22 @@ def mfu(row: Row, peak: float | None) -> float | None:
 
 def format_row(row: Row, baseline: Row, peak: float | None) -> str:
     shape = f"{row.batch} x {row.seq}"
+    variant = f"{row.variant} (compiled)" if row.compiled else row.variant
     if row.error:
-        return f"| {row.model} | {row.variant} | {shape} | failed: {row.error} | | | | |"
+        return f"| {row.model} | {variant} | {shape} | failed: {row.error} | | | | |"
     ratio = f"{row.step_s / baseline.step_s:.2f}x" if baseline.step_s else "n/a"
     util = mfu(row, peak)
-    return (f"| {row.model} | {row.variant} | {shape} | {row.step_s * 1e3:.1f} | {row.tokens_per_s:,.0f} | {ratio} | "
+    return (f"| {row.model} | {variant} | {shape} | {row.step_s * 1e3:.1f} | {row.tokens_per_s:,.0f} | {ratio} | "
             f"{row.peak_gib:.1f} | {'n/a' if util is None else f'{100 * util:.1f}%'} |")
 
 
 def table(rows: list[Row], peak: float | None) -> str:
-    """Markdown; the ratio is the step time over the model's first baseline step time."""
+    """Markdown; the ratio is the step time over the first baseline step time of the same model
+    and compilation."""
     lines = ["| model | variant | batch x seq | step (ms) | tokens/s | step vs bf16 | peak mem (GiB) | MFU |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
-        baseline = next(r for r in rows if r.model == row.model and r.variant == BASELINE)
+        baseline = next(r for r in rows if (r.model, r.compiled, r.variant) == (row.model, row.compiled, BASELINE))
         lines.append(format_row(row, baseline, peak))
     return "\n".join(lines)
 
@@ -262,6 +272,7 @@ def gpu_main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=0, help="per model; 0: the largest that fits (auto_batch)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (the default runs eager)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
@@ -272,12 +283,13 @@ def gpu_main(argv=None) -> None:
     peak = args.peak_tflops or peak_tflops(name)
     total = torch.cuda.get_device_properties(0).total_memory
     print(f"{name}, {total / 2**30:.0f} GiB, torch {torch.__version__}; bf16 autocast, fp32 master weights, "
-          f"fused AdamW; median of {args.steps} steps after {args.warmup}", flush=True)
+          f"fused AdamW; median of {args.steps} steps after {args.warmup}{'; torch.compile' if args.compile else ''}",
+          flush=True)
     rows = []
     for model_name in args.models:
         base = named_model_config(model_name, LLAMA3_VOCAB)
         batch = args.batch or auto_batch(ModelShape.from_config(base, LLAMA3_VOCAB), args.seq, total)
-        rows += time_model(model_name, args.variants, batch, args.seq, args.steps, args.warmup)
+        rows += time_model(model_name, args.variants, batch, args.seq, args.steps, args.warmup, args.compile)
     print(table(rows, peak))
     if args.json:
         with open(args.json, "w") as f:
