@@ -243,3 +243,12 @@ def test_a_misspelt_kernel_fails_composition():
 
     with pytest.raises(Exception, match="bitlinear_kernel"):
         compose_config(["model.bitlinear_kernel=trition"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantized_operands_are_the_references_bit_for_bit(dtype):
+    x, w = randn(37, 200, scale=2.0, seed=13), randn(45, 200, scale=0.02, seed=14)
+    q, sx = tb.quantize_rows(x)
+    c, sw = tb.ternarize_weight(w)
+    assert torch.equal(tb.dequantize(q, sx, dtype), quant.quantize_activation(x).to(dtype))
+    assert torch.equal(tb.dequantize(c, sw, dtype), quant.quantize_weight(w).to(dtype))

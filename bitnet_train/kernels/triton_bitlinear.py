@@ -80,6 +80,18 @@ def _ternarize(w_ptr, c_ptr, s_ptr, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _dequantize(q_ptr, s_ptr, y_ptr, K, numel, PER_ROW: tl.constexpr, TO_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """y = q / s rounded to y's dtype: s per row of K codes, or one scalar (the backward's operands)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    s = tl.load(s_ptr + offs // K, mask=mask, other=1.0) if PER_ROW else tl.load(s_ptr)
+    y = tl.math.div_rn(tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32), s)
+    if TO_BF16:
+        y = _round_to_bf16(y)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _int8_matmul_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, y_ptr, M, N, K,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, TO_BF16: tl.constexpr):
@@ -153,6 +165,18 @@ def ternarize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c, s
 
 
+def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(q / s).to(dtype), as the reference computes it (float32 division, one rounding), without
+    the float32 intermediate: s is per row of q (shape (M,)) or one 0-dim scale."""
+    if dtype not in (torch.float32, torch.bfloat16):  # the interpreter cannot round to others
+        return (q.float() / (s[:, None] if s.dim() else s)).to(dtype)
+    y = torch.empty(q.shape, dtype=dtype, device=q.device)
+    block = 1024
+    _dequantize[(triton.cdiv(q.numel(), block),)](q, s, y, q.shape[-1], q.numel(), PER_ROW=s.dim() == 1,
+                                                  TO_BF16=dtype == torch.bfloat16, BLOCK=block)
+    return y
+
+
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
     """(a @ b^T) / sa[:, None] / sb in `dtype`: int8 a (M, K) and b (N, K), float32 sa (M,), sb ()."""
@@ -182,11 +206,9 @@ class _FusedBitLinear(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # quant.quantize_weight's values, as the reference multiplies by
-            w_q = (c.float() / sw).to(ctx.dtype)
-            grad_x = (g @ w_q).reshape(ctx.x_shape).to(ctx.x_dtype)
+            grad_x = (g @ dequantize(c, sw, ctx.dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:  # quant.quantize_activation's values
-            x_q = (q.float() / sx[:, None]).to(ctx.dtype)
-            grad_w = (g.t() @ x_q).to(ctx.w_dtype)
+            grad_w = (g.t() @ dequantize(q, sx, ctx.dtype)).to(ctx.w_dtype)
         return grad_x, grad_w, None
 
 
