@@ -107,3 +107,17 @@ def test_compiled_rows_compare_with_the_compiled_baseline():
     lines = bench.table(rows, peak=None).splitlines()
     assert "| 700m | qat-triton (compiled) | 8 x 2048 | 440.0 |" in lines[4] and "| 1.10x |" in lines[4]
     assert lines[4].endswith("| n/a |")  # no MFU without a known peak
+
+
+def test_chunked_loss_rows_compare_with_the_chunked_baseline():
+    rows = [bench.Row("2b4t", "bf16", 4, 2048, step_s=1.0, peak_gib=80.0),
+            bench.Row("2b4t", "bf16", 4, 2048, chunked_ce=True, step_s=0.8, peak_gib=60.0),
+            bench.Row("2b4t", "qat-triton", 4, 2048, chunked_ce=True, step_s=0.8, peak_gib=60.0)]
+    assert "| 2b4t | qat-triton (chunked CE) | 4 x 2048 | 800.0 |" in bench.table(rows, None).splitlines()[4]
+    assert "| 1.00x |" in bench.table(rows, None).splitlines()[4]
+
+
+def test_the_steps_chunked_loss_is_the_models_loss():
+    model = bench.build_variant("qat-torch", TINY, "cpu")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(bench.step_loss(model, ids, chunked_ce=True), bench.step_loss(model, ids, False))

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..estimate import ModelShape, flops_per_token, memory_per_gpu
+from ..kernels.chunked_ce import linear_cross_entropy_sum
 from ..model import BitNetTrainConfig, BitNetTrainForCausalLM
 from ..model_factory import named_model_config
 from ..quant import BitLinear, set_bitlinear_kernel
@@ -158,6 +159,7 @@ class Row:
     batch: int
     seq: int
     compiled: bool = False
+    chunked_ce: bool = False
     step_s: float | None = None
     peak_gib: float | None = None
     error: str | None = None
@@ -167,19 +169,27 @@ class Row:
         return None if self.step_s is None else self.batch * self.seq / self.step_s
 
 
-def gpu_step(model: nn.Module, optimizer, ids: torch.Tensor) -> None:
+def step_loss(model: nn.Module, ids: torch.Tensor, chunked_ce: bool) -> torch.Tensor:
+    """The mean next-token loss, through lm_head + cross_entropy or the chunked linear-CE."""
+    if not chunked_ce:
+        return model(ids, labels=ids).loss
+    h = model.model(ids)[:, :-1].flatten(0, 1)  # every label counts: the mean needs no count from the GPU
+    return linear_cross_entropy_sum(h, model.lm_head.weight, ids[:, 1:].flatten()) / h.shape[0]
+
+
+def gpu_step(model: nn.Module, optimizer, ids: torch.Tensor, chunked_ce: bool) -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(ids, labels=ids).loss
+        loss = step_loss(model, ids, chunked_ce)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
 def time_variant(model_name: str, variant: str, base: dict, batch: int, seq: int, steps: int, warmup: int,
-                 compiled: bool) -> Row:
+                 compiled: bool, chunked_ce: bool) -> Row:
     """Median step time over `steps` after `warmup` steps (optimizer states, Triton autotuning,
     torch.compile's compilation)."""
-    row = Row(model_name, variant, batch, seq, compiled)
+    row = Row(model_name, variant, batch, seq, compiled, chunked_ce)
     model = optimizer = None
     gc.collect()  # the previous variant's model and optimizer state
     torch.cuda.empty_cache()
@@ -187,15 +197,15 @@ def time_variant(model_name: str, variant: str, base: dict, batch: int, seq: int
     try:
         model = build_variant(variant, base, "cuda")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
-        if compiled:
-            model = torch.compile(model)
+        if compiled:  # in place; with the chunked loss, the blocks only (the head runs in chunks)
+            (model.model if chunked_ce else model).compile()
         ids = torch.randint(0, base["vocab_size"], (batch, seq), device="cuda")
         times = []
         for i in range(warmup + steps):
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            gpu_step(model, optimizer, ids)
+            gpu_step(model, optimizer, ids, chunked_ce)
             end.record()
             end.synchronize()
             if i >= warmup:
@@ -212,7 +222,7 @@ def time_variant(model_name: str, variant: str, base: dict, batch: int, seq: int
 
 
 def time_model(model_name: str, variants: list[str], batch: int, seq: int, steps: int, warmup: int,
-               compiled: bool) -> list[Row]:
+               compiled: bool, chunked_ce: bool) -> list[Row]:
     """Every variant at one batch (the baseline first and last); all again at half the batch if
     any ran out of memory, so the rows stay comparable."""
     base = named_model_config(model_name, LLAMA3_VOCAB).to_dict()
@@ -220,7 +230,7 @@ def time_model(model_name: str, variants: list[str], batch: int, seq: int, steps
     while True:
         rows = []
         for variant in order:
-            rows.append(time_variant(model_name, variant, base, batch, seq, steps, warmup, compiled))
+            rows.append(time_variant(model_name, variant, base, batch, seq, steps, warmup, compiled, chunked_ce))
             print(format_row(rows[-1], rows[0], None), flush=True)
         if batch == 1 or not any(r.error == "out of memory" for r in rows):
             return rows
@@ -243,7 +253,8 @@ def mfu(row: Row, peak: float | None) -> float | None:
 
 def format_row(row: Row, baseline: Row, peak: float | None) -> str:
     shape = f"{row.batch} x {row.seq}"
-    variant = f"{row.variant} (compiled)" if row.compiled else row.variant
+    how = [word for word, on in (("compiled", row.compiled), ("chunked CE", row.chunked_ce)) if on]
+    variant = f"{row.variant} ({', '.join(how)})" if how else row.variant
     if row.error:
         return f"| {row.model} | {variant} | {shape} | failed: {row.error} | | | | |"
     ratio = f"{row.step_s / baseline.step_s:.2f}x" if baseline.step_s else "n/a"
@@ -253,12 +264,13 @@ def format_row(row: Row, baseline: Row, peak: float | None) -> str:
 
 
 def table(rows: list[Row], peak: float | None) -> str:
-    """Markdown; the ratio is the step time over the first baseline step time of the same model
-    and compilation."""
+    """Markdown; the ratio is the step time over the first baseline step time of the same model,
+    compilation and loss."""
     lines = ["| model | variant | batch x seq | step (ms) | tokens/s | step vs bf16 | peak mem (GiB) | MFU |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
-        baseline = next(r for r in rows if (r.model, r.compiled, r.variant) == (row.model, row.compiled, BASELINE))
+        key = (row.model, row.compiled, row.chunked_ce, BASELINE)
+        baseline = next(r for r in rows if (r.model, r.compiled, r.chunked_ce, r.variant) == key)
         lines.append(format_row(row, baseline, peak))
     return "\n".join(lines)
 
@@ -273,6 +285,8 @@ def gpu_main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile every model (the default runs eager)")
+    p.add_argument("--chunked-ce", action="store_true",
+                   help="the loss through kernels/chunked_ce.py (no full logits) instead of lm_head + cross_entropy")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
@@ -283,13 +297,15 @@ def gpu_main(argv=None) -> None:
     peak = args.peak_tflops or peak_tflops(name)
     total = torch.cuda.get_device_properties(0).total_memory
     print(f"{name}, {total / 2**30:.0f} GiB, torch {torch.__version__}; bf16 autocast, fp32 master weights, "
-          f"fused AdamW; median of {args.steps} steps after {args.warmup}{'; torch.compile' if args.compile else ''}",
+          f"fused AdamW; median of {args.steps} steps after {args.warmup}{'; torch.compile' if args.compile else ''}"
+          f"{'; chunked cross-entropy' if args.chunked_ce else ''}",
           flush=True)
     rows = []
     for model_name in args.models:
         base = named_model_config(model_name, LLAMA3_VOCAB)
         batch = args.batch or auto_batch(ModelShape.from_config(base, LLAMA3_VOCAB), args.seq, total)
-        rows += time_model(model_name, args.variants, batch, args.seq, args.steps, args.warmup, args.compile)
+        rows += time_model(model_name, args.variants, batch, args.seq, args.steps, args.warmup, args.compile,
+                           args.chunked_ce)
     print(table(rows, peak))
     if args.json:
         with open(args.json, "w") as f:

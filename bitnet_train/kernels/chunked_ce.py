@@ -1,0 +1,69 @@
+"""Linear + cross-entropy over the LM head without materialising the logits in full.
+
+For 2B4T's 128,256-token head the logits of a 16k-token micro-batch are 16k x 128k: 8 GiB in
+float32, the largest tensor of the step, and its gradient again. Here the tokens go through the
+head a chunk at a time: each chunk's logits, log-sum-exp, loss and the gradients of the hidden
+states and the head weight are computed in the forward (as liger-kernel's fused linear
+cross-entropy does), and only those gradients are kept for the backward, which just scales them.
+Peak extra memory: one chunk's logits (`chunk_tokens` x vocab, float32) instead of all of them.
+
+Numerics follow `losses.next_token_loss_sum` on `lm_head(h)`: the logits are computed in the
+compute dtype (the autocast dtype when autocast is on, as F.linear's), then the log-softmax in
+float32.
+"""
+import torch
+import torch.nn.functional as F
+
+from ..losses import IGNORE
+
+DEFAULT_CHUNK_ELEMENTS = 2**28  # logits per chunk: 1 GiB in float32
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_tokens: int, dtype: torch.dtype):
+        w = weight.to(dtype)
+        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_tokens):
+            h_c, t_c = h[start:start + chunk_tokens].to(dtype), targets[start:start + chunk_tokens]
+            logits = (h_c @ w.t()).float()
+            loss += F.cross_entropy(logits, t_c, ignore_index=IGNORE, reduction="sum")
+            # d(sum of losses)/d(logits) = softmax - one_hot(target), zero for ignored tokens
+            d_logits = torch.softmax(logits, dim=-1)
+            valid = t_c != IGNORE
+            rows = torch.arange(t_c.shape[0], device=h.device)
+            d_logits[rows, t_c.clamp(min=0)] -= 1.0
+            d_logits *= valid[:, None]
+            d_logits = d_logits.to(dtype)
+            grad_h[start:start + chunk_tokens] = (d_logits @ w).to(h.dtype)
+            grad_w += (d_logits.t() @ h_c).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+
+
+def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk_tokens: int | None = None) -> torch.Tensor:
+    """sum over tokens of cross_entropy(h @ weight^T, targets), ignoring targets == -100.
+
+    h: (N, d) hidden states; weight: (V, d), the LM head; targets: (N,). float32 result.
+    """
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    chunk = chunk_tokens or max(1, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropySum.apply(h, weight, targets, chunk, dtype)
+
+
+def next_token_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+    """losses.next_token_loss_sum(lm_head(h), labels) from the hidden states (B, T, d)."""
+    targets = labels[:, 1:].flatten()
+    loss = linear_cross_entropy_sum(h[:, :-1].flatten(0, 1), weight, targets, chunk_tokens)
+    return loss, int((targets != IGNORE).sum())
