@@ -231,7 +231,7 @@ def time_model(model_name: str, variants: list[str], batch: int, seq: int, steps
         rows = []
         for variant in order:
             rows.append(time_variant(model_name, variant, base, batch, seq, steps, warmup, compiled, chunked_ce))
-            print(format_row(rows[-1], rows[0], None), flush=True)
+            print("timed", format_row(rows[-1], rows[0], None), flush=True)  # the table follows at the end
         if batch == 1 or not any(r.error == "out of memory" for r in rows):
             return rows
         batch //= 2

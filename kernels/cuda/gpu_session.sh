@@ -10,6 +10,8 @@
 #            QAT, torchao, onebitllms)                                       -> train_gpu.log, .json
 #   gemm     W2A8 GEMM vs cuBLAS bf16 at M = 16 and 512, the 2B4T shapes      -> gemm.log
 #   dist     one FSDP2 and one ZeRO-3 run of the 700m pipeline, world size 1  -> distributed.log
+#   train2   bench train-gpu --compile --chunked-ce, 700m, bf16 and fused QAT -> train_gpu.log,
+#            train_compiled.json (last: the budget cuts it first)
 # Other steps, by name: compile (nvcc check), tests (W2A8 GPU tests), bench (the whole W2A8
 # benchmark), engine (the engine's GPU test), sweep (GEMV tile variants).
 # Everything lands in ${OUT:-/tmp/gpu_session}, at most 8 files (what the lent machine returns).
@@ -17,7 +19,7 @@ set -uo pipefail
 out=${OUT:-/tmp/gpu_session}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 BITNET_TRAIN_CACHE=${BITNET_TRAIN_CACHE:-/tmp/bitnet_train_cache}
-steps=${*:-env triton train gemm dist}
+steps=${*:-env triton train gemm dist train2}
 py=${PYTHON:-python3}
 has() { [[ " $steps " == *" $1 "* ]]; }
 summary="$out/summary.log"
@@ -91,11 +93,16 @@ if has triton; then  # compiled here, not interpreted: tests/test_triton_bitline
     note "pytest triton rc=$? $(tail -1 "$out/pytest_triton.log")"
     grep -E "FAILED|ERROR" "$out/pytest_triton.log" | head -20 >>"$summary"
 fi
+run_train() {  # json name, time limit, then bench train-gpu's options
+    local name=$1 seconds=$2; shift 2
+    local log="$out/train_gpu.log" from
+    from=$(($(cat "$log" 2>/dev/null | wc -l) + 1))
+    timeout $(limit "$seconds") $py -m bitnet_train.cli bench train-gpu --json "$out/$name.json" "$@" >>"$log" 2>&1
+    note "bench train-gpu $* rc=$?"
+    tail -n +"$from" "$log" | grep -E "^\| |GiB, torch|needs a CUDA" >>"$summary"
+}
 if has train; then
-    timeout $(limit 330) $py -m bitnet_train.cli bench train-gpu --json "$out/train_gpu.json" ${TRAIN_ARGS:-} \
-        >"$out/train_gpu.log" 2>&1
-    note "bench train-gpu rc=$?"
-    grep -E "^\| |^NVIDIA|GiB, torch" "$out/train_gpu.log" | awk '!seen[$0]++' >>"$summary"
+    run_train train_gpu 300 ${TRAIN_ARGS:-}
 fi
 if has gemm; then  # the prefill shapes of issue 18: M = 16 and 512
     timeout $(limit 90) $py -m bitnet_train.bench.cuda_kernels --tokens 16 512 --markdown >"$out/gemm.log" 2>&1
@@ -118,7 +125,7 @@ if has dist; then  # the real pipeline (accelerate launch), 700m, 3 bf16 steps w
         local rc=$?
         note "$config rc=$rc in $((SECONDS - start)) s (start-up, 3 steps, final save)"
         cat "/tmp/dist_$config/pretrain/metrics.jsonl" 2>/dev/null | tee -a "$log" >>"$summary"
-        grep -m3 -E "Error|error:" "$log" | tail -3 >>"$summary"
+        grep -E "^bitnet-train:|Error:" "$log" | head -3 >>"$summary"  # our one-line errors first
     }
     echo "---- FSDP2 (launch/accelerate/fsdp.yaml)" >>"$log"
     run_pipeline fsdp model.bitlinear_kernel=triton
@@ -128,5 +135,8 @@ if has dist; then  # the real pipeline (accelerate launch), 700m, 3 bf16 steps w
     else  # distributed.configure_deepspeed refuses ZeRO-3 at start-up in any case
         note "deepspeed_zero3 not run: deepspeed is not installed here" | tee -a "$log"
     fi
+fi
+if has train2; then  # what torch.compile and the chunked loss add, 700m: bf16 vs the fused QAT
+    run_train train_compiled 150 --models 700m --variants bf16 qat-triton --compile --chunked-ce
 fi
 cat "$summary"
