@@ -3,7 +3,8 @@
 Each decoder layer runs four ternary products instead of seven: q/k/v share their input (the
 input_layernorm output), and so do gate/up, so their packed rows are concatenated into one
 weight and one kernel call per token. Each projection keeps its own weight scale: the fused
-layer carries one scale *per output row*, the s_w of the projection that row came from.
+layer carries one scale *per output row*, the s_w of the projection that row came from, and
+a converted Qwen2's q/k/v biases are concatenated the same way.
 (Splitting one fused scale evenly is a bug seen in a peer's GPU path, microsoft/BitNet's gpu/
 fused QKV: q/k/v have 2560/640/640 rows and three different scales.)
 
