@@ -123,8 +123,9 @@ class DataConfig:
     # Pretraining's token caches (data/token_cache.py) live here; null: $BITNET_TRAIN_CACHE or
     # ~/.cache/bitnet_train, under token_cache/. Each is one directory and may be deleted.
     cache_dir: Optional[str] = None
-    # Hub pretraining data too large to download whole: read it as a stream (datasets streaming)
-    # and tokenize its first max_documents rows of each split into the token cache.
+    # Pretraining data too large to download or cache whole (hub or files): train on it as a
+    # stream (datasets streaming), its position saved in checkpoints; needs max_steps. The
+    # validation split is cached from the first max_documents rows (data/token_stream.py).
     streaming: bool = False
     max_documents: Optional[int] = None
 
@@ -204,6 +205,8 @@ class StageConfig:
         require(self.max_steps >= 0, where, "max_steps", self.max_steps, "must be >= 0 (0: derive from epochs)")
         if self.max_steps == 0:
             require(self.epochs > 0, where, "epochs", self.epochs, "must be > 0 (or set max_steps)")
+            require(not self.data.streaming, where, "max_steps", 0, "must be > 0 with data.streaming=true (a stream "
+                    "has no known length, so epochs cannot give the step count)")
         for key in ("micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
             require(getattr(self, key) >= 1, where, key, getattr(self, key), "must be >= 1")
         require(self.max_nonfinite_steps >= 0, where, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 0")

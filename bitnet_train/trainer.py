@@ -87,7 +87,10 @@ def train(stage: Stage, model: torch.nn.Module, cfg: StageConfig, ctx: RunContex
     acc = ctx.accelerator
     validate(cfg.schedule)
     check_world_size(acc)
-    stream = BatchStream(stage.train_size, cfg.micro_batch_size, cfg.grad_accum, acc.num_processes, ctx.seed)
+    if hasattr(stage, "batch_stream"):  # a stage that orders its own examples (a data stream)
+        stream = stage.batch_stream(cfg.micro_batch_size, cfg.grad_accum, acc.num_processes, ctx.seed)
+    else:
+        stream = BatchStream(stage.train_size, cfg.micro_batch_size, cfg.grad_accum, acc.num_processes, ctx.seed)
     steps = total_steps(cfg, stream)
     wrapped, optimizer = prepare(stage, model, cfg, acc)
     model = acc.unwrap_model(wrapped)

@@ -192,20 +192,6 @@ def test_a_hub_dataset_with_its_own_validation_split(tmp_path):
     assert index["held_out_every"] is None and s.eval_size > 0
 
 
-def test_a_streamed_hub_dataset_caches_its_first_max_documents_rows(tmp_path):
-    hub = tmp_path / "hub"
-    hub.mkdir()
-    write_rows(hub / "train.jsonl", 100)
-    args = [*data_args(tmp_path), "stages.pretrain.data.source=hub", f"stages.pretrain.data.name={hub}",
-            "stages.pretrain.data.streaming=true"]
-    with pytest.raises(DataError, match="needs data.name and data.max_documents"):
-        stage(args)
-    s = stage([*args, "stages.pretrain.data.max_documents=60"])
-    index = json.loads((caches(tmp_path)[0] / "index.json").read_text())
-    assert index["splits"]["train"]["documents"] + index["splits"]["validation"]["documents"] == 60
-    assert index["splits"]["validation"]["documents"] == 3 and s.train_size > 0
-
-
 def test_two_ranks_read_disjoint_shares_of_the_same_global_batch(tmp_path):
     s = stage(data_args(tmp_path))
     one = BatchStream(s.train_size, micro_batch=4, grad_accum=2, world=1, seed=7)
@@ -232,9 +218,9 @@ SLOW_BUILD = (
 )
 
 
-def run_cli(args: list[str], slow_build: bool = False) -> subprocess.Popen:
+def run_cli(args: list[str], code: str = "from bitnet_train.cli import main; import sys; sys.argv[0] = 'x'; main()"
+            ) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    code = SLOW_BUILD if slow_build else "from bitnet_train.cli import main; import sys; sys.argv[0] = 'x'; main()"
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -256,7 +242,7 @@ def test_kill_9_during_the_cache_build_and_during_training_then_the_same_command
     run_pipeline(compose_config([*data_args(reference, data), *steps]))
 
     args = [*data_args(tmp_path, data), *steps]
-    proc = run_cli(args, slow_build=True)
+    proc = run_cli(args, code=SLOW_BUILD)
     wait_until(lambda: any(p.stat().st_size > 0 for p in (tmp_path / "cache").glob("*.tmp-*/train.bin")), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -9,8 +9,12 @@ counted by reason and judged by sources.report_skipped_rows (data.max_bad_row_fr
 `fingerprint` names the content, so a token cache is never served for other data: a hash of
 the files' bytes (memoized by path, size and modification time, so that a second run does not
 read a large corpus again), of the built-in text, or the `datasets` fingerprint of a hub split.
+
+With data.streaming=true only the validation split is cached (`streamed_validation`); training
+reads the stream itself (`open_stream`, data/token_stream.py).
 """
 import hashlib
+import itertools
 import json
 import os
 from collections import Counter
@@ -21,8 +25,8 @@ from pathlib import Path
 from datasets import load_dataset
 
 from ..config import DataConfig
-from .builtin_text import builtin_documents
-from .sources import FILE_BUILDERS, DataError, check_files, load_hub, named_split
+from .builtin_text import builtin_documents, held_out_every
+from .sources import FILE_BUILDERS, DataError, check_files, load_files, load_hub, named_split
 
 UNDECODABLE = "hold bytes that are not UTF-8"
 NOT_AN_OBJECT = "are not JSON objects"
@@ -85,12 +89,9 @@ def files_corpus(cfg: DataConfig, hash_memo: Path) -> Corpus:
 
 def hub_corpus(cfg: DataConfig) -> Corpus:
     names = {"train": cfg.train_split, **({"validation": cfg.validation_split} if cfg.validation_split else {})}
-    if cfg.streaming:
-        data, digest = hub_streams(cfg, names)
-    else:
-        raw = load_hub(cfg)
-        data = {split: named_split(raw, name, f"{split}_split") for split, name in names.items()}
-        digest = hashlib.sha256(json.dumps({s: ds._fingerprint for s, ds in data.items()}).encode()).hexdigest()
+    raw = load_hub(cfg)
+    data = {split: named_split(raw, name, f"{split}_split") for split, name in names.items()}
+    digest = hashlib.sha256(json.dumps({s: ds._fingerprint for s, ds in data.items()}).encode()).hexdigest()
     return Corpus(
         f"hub dataset {cfg.name} ({cfg.subset or 'default'}: {', '.join(names.values())})",
         digest,
@@ -99,16 +100,37 @@ def hub_corpus(cfg: DataConfig) -> Corpus:
     )
 
 
-def hub_streams(cfg: DataConfig, names: dict[str, str]) -> tuple[dict, str]:
-    """The first data.max_documents rows of each split, streamed. Nothing is downloaded whole, so
-    the content cannot be hashed first: the cache is keyed by name, subset, splits and row count."""
-    if not cfg.name or not cfg.max_documents or cfg.max_documents < 1:
-        raise DataError("data.streaming=true needs data.name and data.max_documents (the rows to read from "
-                        "the stream)")
-    data = {split: load_dataset(cfg.name, cfg.subset, split=name, streaming=True).take(cfg.max_documents)
-            for split, name in names.items()}
-    key = ["stream", cfg.name, cfg.subset, names, cfg.max_documents]
-    return data, hashlib.sha256(json.dumps(key).encode()).hexdigest()
+def open_stream(cfg: DataConfig, split: str, key: str):
+    """A split as a `datasets` IterableDataset (data.streaming=true): read in order, never downloaded whole."""
+    if cfg.source == "hub":
+        return named_split(load_hub(cfg, streaming=True), split, key)
+    if cfg.source == "files":
+        if cfg.validation_split:
+            raise DataError("data.source=files has one split; unset data.validation_split")
+        return load_files(cfg, streaming=True)["train"]
+    raise DataError(f"data.streaming=true reads data.source=hub or files, not {cfg.source!r}")
+
+
+def streamed_validation(cfg: DataConfig, hash_memo: Path) -> Corpus:
+    """The validation split of a streamed corpus, for the token cache: the first data.max_documents
+    rows of data.validation_split, or else the documents that the held-out rule takes from the
+    first max_documents rows of the train stream (the stream skips them: data/token_stream.py)."""
+    if not cfg.max_documents or cfg.max_documents < 1:
+        raise DataError("data.streaming=true needs data.max_documents (the rows read for the validation split)")
+    every = None if cfg.validation_split else held_out_every(cfg.validation_fraction)
+    rows = open_stream(cfg, cfg.validation_split or cfg.train_split, "validation_split").take(cfg.max_documents)
+
+    def read(skipped: Counter) -> Iterator[str]:
+        if every is None:
+            return usable(column(rows, cfg.text_field), cfg, skipped)
+        # Rows without text among all these are the train stream's to judge, not a share of the held-out ones.
+        return itertools.islice(usable(column(rows, cfg.text_field), cfg, Counter()), every - 1, None, every)
+
+    content = [file_digest(p, hash_memo) for p in check_files(cfg)] if cfg.source == "files" else [cfg.name, cfg.subset]
+    key = ["stream", content, cfg.train_split, cfg.validation_split, every, cfg.max_documents]
+    kind = f"split {cfg.validation_split}" if cfg.validation_split else "held-out documents"
+    description = f"the {kind} among the first {cfg.max_documents} rows of the {cfg.source} stream"
+    return Corpus(description, hashlib.sha256(json.dumps(key).encode()).hexdigest(), {"validation": read})
 
 
 def txt_documents(paths: list[Path], skipped: Counter) -> Iterator[str]:

@@ -26,7 +26,7 @@ def load_splits(cfg: DataConfig, builtin: DatasetDict | None = None) -> DatasetD
             raise DataError("this stage has no built-in data; set data.source=files or hub")
         return builtin
     if cfg.source == "files":
-        raw = _load_files(cfg)
+        raw = load_files(cfg)
     elif cfg.source == "hub":
         raw = load_hub(cfg)
     else:
@@ -38,13 +38,14 @@ def load_splits(cfg: DataConfig, builtin: DatasetDict | None = None) -> DatasetD
     return DatasetDict(train=split["train"], validation=split["test"])
 
 
-def load_hub(cfg: DataConfig) -> DatasetDict:
+def load_hub(cfg: DataConfig, streaming: bool = False):
+    """The hub dataset's splits (IterableDatasets if streaming: nothing is downloaded whole)."""
     if not cfg.name:
         raise DataError("data.source=hub needs data.name (a datasets hub name)")
-    return load_dataset(cfg.name, cfg.subset)
+    return load_dataset(cfg.name, cfg.subset, streaming=streaming)
 
 
-def named_split(raw: DatasetDict, name: str, key: str) -> Dataset:
+def named_split(raw, name: str, key: str):
     if name not in raw:
         raise DataError(f"split {name!r} not found (have {list(raw)}); set data.{key}")
     return raw[name]
@@ -68,11 +69,12 @@ def check_files(cfg: DataConfig) -> list[Path]:
     return paths
 
 
-def _load_files(cfg: DataConfig) -> DatasetDict:
+def load_files(cfg: DataConfig, streaming: bool = False):
+    """data.files as one split, "train" (a .txt file is one row)."""
     paths = check_files(cfg)
     builder = FILE_BUILDERS[paths[0].suffix]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
-    return load_dataset(builder, data_files={"train": [str(p) for p in paths]}, **kwargs)
+    return load_dataset(builder, data_files={"train": [str(p) for p in paths]}, streaming=streaming, **kwargs)
 
 
 def require_seq_len_fits(stage: str, seq_len: int, max_seq_len: int) -> None:

@@ -59,11 +59,15 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
-        saved = state.pop("global_batch", self.global_batch)  # absent in checkpoints before it was saved
-        if saved != self.global_batch:
-            raise ConfigError(
-                f"the checkpoint was trained on global batches of {saved} examples, this run has {self.global_batch} "
-                f"(micro_batch_size {self.micro} x grad_accum {self.accum} x {self.world} ranks); set grad_accum so "
-                f"that the global batch is {saved} again"
-            )
+        require_same_global_batch(state.pop("global_batch", self.global_batch), self)  # absent in old checkpoints
         self.pos = StreamPosition(**state)
+
+
+def require_same_global_batch(saved: int, stream) -> None:
+    """A resumed run must cut the data into the global batches of the run it continues."""
+    if saved != stream.global_batch:
+        raise ConfigError(
+            f"the checkpoint was trained on global batches of {saved} examples, this run has {stream.global_batch} "
+            f"(micro_batch_size {stream.micro} x grad_accum {stream.accum} x {stream.world} ranks); set grad_accum "
+            f"so that the global batch is {saved} again"
+        )

@@ -12,6 +12,10 @@ Optional methods, called only when the stage defines them:
   (a streaming dataset's position, say). The loop saves it in every checkpoint's trainer state,
   so it must be JSON (numbers, strings, lists, dicts), and hands it back on resume before the
   first step. The loop's own data order (data/stream.py) needs nothing from the stage.
+- `batch_stream(micro_batch, grad_accum, world, seed)`: the stage's own order of training
+  examples, in place of a BatchStream over `train_size` examples (pretraining on a data stream:
+  data/token_stream.py). It has BatchStream's interface; the loop saves its state_dict in every
+  checkpoint as it does the BatchStream's, and `batch("train", ...)` receives what it hands out.
 """
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,7 +33,7 @@ class LossOutput:
 class Stage(Protocol):
     kind: str
     token_loss: bool  # the loss is a next-token NLL, so exp(val loss) is a perplexity
-    train_size: int
+    train_size: int | None  # None: the stage has its own batch_stream (a stream of unknown length)
     eval_size: int
 
     def batch(self, split: str, indices: torch.Tensor) -> dict: ...
