@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-STEPS, EVAL_EVERY, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, WARMUP = 60, 20, 2, 128, 16, 12
+STEPS, EVAL_EVERY, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, WARMUP = 40, 20, 2, 128, 16, 8
 COMMON = [
     "recipes=convert_smollm2", "logging=off", "logging.progress_bar=false", "runtime.num_threads=2",
     f"stages.convert.max_steps={STEPS}", f"stages.convert.eval_every={EVAL_EVERY}", "logging.log_every=1",
