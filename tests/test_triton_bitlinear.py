@@ -263,3 +263,17 @@ def test_kernels_compile_for_hopper_on_int8_tensor_cores_without_spills():
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "sm_90 int8_matmul" in done.stdout and "triton_compile_check: OK" in done.stdout
+
+
+@gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_fused_forward_and_backward_never_wait_for_the_gpu():
+    x = randn(512, 1024, dtype=torch.bfloat16, seed=15).requires_grad_()
+    w = randn(2048, 1024, scale=0.02, seed=16).requires_grad_()
+    tb.bitlinear(x, w).sum().backward()  # the autotuner times its tiles (with syncs) on the first call
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tb.bitlinear(x, w).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -40,10 +40,11 @@ def builds(all_tiles: bool) -> list[Build]:
     matmuls = [Build(f"int8_matmul {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", tb._int8_matmul_kernel,
                      {**matmul_sig, **{k: "constexpr" for k in (*kw, "TO_BF16")}}, {**kw, "TO_BF16": True}, warps, stages)
                for kw, warps, stages in (tiles if all_tiles else tiles[:1])]
-    return [
-        Build("quantize_rows (K <= 4096)", tb._quantize_rows,
-              {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_x": "i32",
-               "EPS": "constexpr", "BLOCK_K": "constexpr"}, {"EPS": 1e-5, "BLOCK_K": 4096}, 8),
+    rows_sig = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_x": "i32",
+                "EPS": "constexpr", "BLOCK_K": "constexpr"}
+    return [  # rows of 2B4T's inputs: K = 2560 and 6912, in blocks of 4096 and 8192 (quantize_rows' warps)
+        *[Build(f"quantize_rows (K <= {block})", tb._quantize_rows, rows_sig, {"EPS": 1e-5, "BLOCK_K": block}, block // 512)
+          for block in (4096, 8192)],
         Build("ternarize", tb._ternarize, {"w_ptr": "*fp32", "c_ptr": "*i8", "s_ptr": "*fp32", "numel": "i32",
                                            "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4),
         Build("dequantize (per row, bf16)", tb._dequantize,
