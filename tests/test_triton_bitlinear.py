@@ -152,7 +152,8 @@ def test_autocast_computes_in_bf16_like_f_linear():
 def tiny_model(kernel: str) -> BitNetTrainForCausalLM:
     torch.manual_seed(0)
     cfg = BitNetTrainConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                            bos_token_id=None, eos_token_id=None)
     model = BitNetTrainForCausalLM(cfg).to(DEVICE)
     quant.set_bitlinear_kernel(model, kernel)
     return model
@@ -277,3 +278,17 @@ def test_fused_forward_and_backward_never_wait_for_the_gpu():
         tb.bitlinear(x, w).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_activation_checkpointing_recomputes_the_same_gradients():
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grads = []
+    for checkpointing in (True, False):
+        model = tiny_model("triton")
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
