@@ -1,5 +1,7 @@
 """`bitnet-train bench train-gpu`'s CPU-side logic: the model variants it compares, its batch
 choice and its table. The timing itself needs a GPU (kernels/cuda/gpu_session.sh runs it)."""
+import warnings
+
 import pytest
 import torch
 
@@ -106,7 +108,7 @@ def test_compiled_rows_compare_with_the_compiled_baseline():
             bench.Row("700m", "qat-triton", 8, 2048, compiled=True, step_s=0.44, peak_gib=30.0)]
     lines = bench.table(rows, peak=None).splitlines()
     assert "| 700m | qat-triton (compiled) | 8 x 2048 | 440.0 |" in lines[4] and "| 1.10x |" in lines[4]
-    assert lines[4].endswith("| n/a |")  # no MFU without a known peak
+    assert lines[4].endswith("| n/a | 0 |")  # no MFU without a known peak; no host syncs recorded
 
 
 def test_chunked_loss_rows_compare_with_the_chunked_baseline():
@@ -121,3 +123,16 @@ def test_the_steps_chunked_loss_is_the_models_loss():
     model = bench.build_variant("qat-torch", TINY, "cpu")
     ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(bench.step_loss(model, ids, chunked_ce=True), bench.step_loss(model, ids, False))
+
+
+def test_host_sync_sites_name_the_waiting_line(monkeypatch):
+    # On the CPU, torch's sync debug mode never fires: stand in for it with the warning it gives.
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+
+    def step():
+        for _ in range(2):  # the same line twice: one site
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("something else")
+
+    sites = bench.host_sync_sites(step)
+    assert len(sites) == 1 and sites[0].endswith("test_bench_train_gpu.py:" + str(step.__code__.co_firstlineno + 2))

@@ -20,7 +20,8 @@ import gc
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -162,6 +163,8 @@ class Row:
     chunked_ce: bool = False
     step_s: float | None = None
     peak_gib: float | None = None
+    # Where one more step made the host wait for the GPU (torch's sync debug mode): file:line.
+    sync_sites: list[str] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -183,6 +186,18 @@ def gpu_step(model: nn.Module, optimizer, ids: torch.Tensor, chunked_ce: bool) -
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def host_sync_sites(step: Callable[[], None]) -> list[str]:
+    """file:line of every operation in `step` that waits for the GPU, once each, in order."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return list(dict.fromkeys(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)))
 
 
 def time_variant(model_name: str, variant: str, base: dict, batch: int, seq: int, steps: int, warmup: int,
@@ -212,6 +227,7 @@ def time_variant(model_name: str, variant: str, base: dict, batch: int, seq: int
                 times.append(start.elapsed_time(end) / 1e3)
         row.step_s = statistics.median(times)
         row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        row.sync_sites = host_sync_sites(lambda: gpu_step(model, optimizer, ids, chunked_ce))
     except torch.cuda.OutOfMemoryError:
         row.error = "out of memory"
     except Exception as e:  # a peer library failing must not cost the other rows of a GPU session
@@ -256,18 +272,18 @@ def format_row(row: Row, baseline: Row, peak: float | None) -> str:
     how = [word for word, on in (("compiled", row.compiled), ("chunked CE", row.chunked_ce)) if on]
     variant = f"{row.variant} ({', '.join(how)})" if how else row.variant
     if row.error:
-        return f"| {row.model} | {variant} | {shape} | failed: {row.error} | | | | |"
+        return f"| {row.model} | {variant} | {shape} | failed: {row.error} | | | | | |"
     ratio = f"{row.step_s / baseline.step_s:.2f}x" if baseline.step_s else "n/a"
     util = mfu(row, peak)
     return (f"| {row.model} | {variant} | {shape} | {row.step_s * 1e3:.1f} | {row.tokens_per_s:,.0f} | {ratio} | "
-            f"{row.peak_gib:.1f} | {'n/a' if util is None else f'{100 * util:.1f}%'} |")
+            f"{row.peak_gib:.1f} | {'n/a' if util is None else f'{100 * util:.1f}%'} | {len(row.sync_sites)} |")
 
 
 def table(rows: list[Row], peak: float | None) -> str:
     """Markdown; the ratio is the step time over the first baseline step time of the same model,
     compilation and loss."""
-    lines = ["| model | variant | batch x seq | step (ms) | tokens/s | step vs bf16 | peak mem (GiB) | MFU |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | variant | batch x seq | step (ms) | tokens/s | step vs bf16 | peak mem (GiB) | MFU | host syncs |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         key = (row.model, row.compiled, row.chunked_ce, BASELINE)
         baseline = next(r for r in rows if (r.model, r.compiled, r.chunked_ce, r.variant) == key)
@@ -307,6 +323,9 @@ def gpu_main(argv=None) -> None:
         rows += time_model(model_name, args.variants, batch, args.seq, args.steps, args.warmup, args.compile,
                            args.chunked_ce)
     print(table(rows, peak))
+    for row in rows:  # what still makes a step wait for the GPU
+        if row.sync_sites:
+            print(f"host syncs, {row.model} {row.variant}: {', '.join(row.sync_sites)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "peak_tflops": peak,
