@@ -99,7 +99,7 @@ run_train() {  # json name, time limit, then bench train-gpu's options
     from=$(($(cat "$log" 2>/dev/null | wc -l) + 1))
     timeout $(limit "$seconds") $py -m bitnet_train.cli bench train-gpu --json "$out/$name.json" "$@" >>"$log" 2>&1
     note "bench train-gpu $* rc=$?"
-    tail -n +"$from" "$log" | grep -E "^\| |GiB, torch|needs a CUDA" >>"$summary"
+    tail -n +"$from" "$log" | grep -E "^\| |GiB, torch|needs a CUDA|^host syncs" >>"$summary"
 }
 if has train; then
     run_train train_gpu 300 ${TRAIN_ARGS:-}
