@@ -32,7 +32,7 @@ class Build:
 
 
 def builds(all_tiles: bool) -> list[Build]:
-    from . import triton_bitlinear as tb
+    from . import triton_bitlinear as tb, triton_w2a8
 
     tiles = [(c.kwargs, c.num_warps, c.num_stages) for c in tb._gpu_configs()]
     matmul_sig = {"a_ptr": "*i8", "b_ptr": "*i8", "sa_ptr": "*fp32", "sb_ptr": "*fp32", "y_ptr": "*bf16",
@@ -51,7 +51,16 @@ def builds(all_tiles: bool) -> list[Build]:
               {"q_ptr": "*i8", "s_ptr": "*fp32", "y_ptr": "*bf16", "K": "i32", "numel": "i32", "PER_ROW": "constexpr",
                "TO_BF16": "constexpr", "BLOCK": "constexpr"}, {"PER_ROW": True, "TO_BF16": True, "BLOCK": 1024}, 4),
         *matmuls,
+        *w2a8_builds(triton_w2a8, all_tiles),
     ]
+
+
+def w2a8_builds(module, all_tiles: bool) -> list[Build]:
+    sig = {"a_ptr": "*i8", "w_ptr": "*u8", "y_ptr": "*i32", "M": "i32", "N": "i32", "KPAD": "i32"}
+    configs = module._gpu_configs()
+    return [Build(f"w2a8 {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} split-K {c.kwargs['SPLIT_K']}", module._w2a8_kernel,
+                  {**sig, **{k: "constexpr" for k in c.kwargs}}, c.kwargs, c.num_warps, c.num_stages)
+            for c in (configs if all_tiles else configs[:1])]
 
 
 def ptxas_report(ptx: str, arch: int) -> str:
@@ -88,7 +97,7 @@ def check(build: Build, arch: int) -> list[str]:
     failed = []
     if any(spills):
         failed.append("register spills")
-    if build.name.startswith("int8_matmul"):
+    if build.name.startswith(("int8_matmul", "w2a8")):
         mma = r"wgmma\.mma_async\S*\.s32\.s8\.s8" if arch >= 90 else r"mma\.sync\S*\.s32\.s8\.s8"
         if not re.search(mma, ptx):
             failed.append(f"no int8 tensor-core instruction ({mma}) in the PTX")
