@@ -36,7 +36,6 @@ from .distributed import (
     shards_state,
 )
 from .metrics import MetricsLogger
-from .plot import plot_training
 from .preemption import StopFlag
 from .quant import BitLinear
 from .schedules import two_stage_lr, two_stage_wd, validate
@@ -242,6 +241,8 @@ def finish(model: torch.nn.Module, weights: dict, logger: MetricsLogger, stage: 
     if acc.is_main_process:
         save_final(model, ctx.tokenizer, ctx.stage_dir / "final", weights)
         if ctx.logging.plot:
+            from .plot import plot_training  # here: matplotlib costs every run's start-up otherwise
+
             plot_training(ctx.stage_dir / "metrics.jsonl", ctx.stage_dir / "loss.png", f"{ctx.run_name}: {stage.kind}")
     logger.finish()
     acc.wait_for_everyone()

@@ -146,7 +146,8 @@ def main(argv=None) -> None:
 
     t = throughput(parts[: max(1, args.throughput_mb // PART_MB)], root, args.rounds)
     (cache_wall, cache_cpu), (ceil_wall, ceil_cpu) = t["cache"], t["ceiling"]
-    print(f"tokenization, {args.throughput_mb} MB, {t['tokens'] / 1e6:.1f} M text tokens, median of {args.rounds}")
+    print(f"tokenization, {args.throughput_mb} MB, {t['tokens'] / 1e6:.1f} M text tokens, median of {args.rounds}, "
+          f"load average after: {os.getloadavg()[0]:.1f}")
     print("| | wall s | text tokens/s (wall) | CPU s |")
     print("|---|---|---|---|")
     print(f"| encode_batch alone (ceiling) | {ceil_wall:.1f} | {t['tokens'] / ceil_wall:,.0f} | {ceil_cpu:.1f} |")
@@ -155,8 +156,8 @@ def main(argv=None) -> None:
 
     print(f"\ntraining runs: tiny model (hidden 64, 2 layers), seq 256, {args.steps} steps, {args.threads} threads")
     print("| corpus | cached tokens | build tokens/s | peak RSS, building run | peak RSS, reusing run "
-          "| first step, reusing run | of which the data stage |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+          "| first step, reusing run | of which the data stage | load average |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for size in sizes:
         files = parts[: max(1, size // PART_MB)]
         cache = root / f"cache_{size}mb"
@@ -167,7 +168,8 @@ def main(argv=None) -> None:
         tokens = sum(s["tokens"] for s in index["splits"].values())
         data_s = stage_seconds(files, cache)
         print(f"| {size} MB | {tokens / 1e6:.1f} M | {index['tokens_per_second']:,.0f} | {build['peak_rss_mb']:.0f} MB "
-              f"| {reuse['peak_rss_mb']:.0f} MB | {reuse['first_step_s']:.1f} s | {data_s:.2f} s |", flush=True)
+              f"| {reuse['peak_rss_mb']:.0f} MB | {reuse['first_step_s']:.1f} s | {data_s:.2f} s | {os.getloadavg()[0]:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

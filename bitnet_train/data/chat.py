@@ -15,16 +15,21 @@ Data shapes (the common hub ones):
               optionally after a "prompt" message list; or "prompt", "chosen", "rejected" strings.
 Preference rows are normalised to prompt (message list), chosen and rejected (reply strings).
 """
+from __future__ import annotations
+
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from datasets import Dataset, DatasetDict
 
 from ..config import DataConfig
 from ..losses import IGNORE
 from .chat_tasks import chat_messages, demonstration, preference_pair, task_examples
 from .sources import DataError, keep_valid_rows, load_splits
+
+if TYPE_CHECKING:  # imported where used (data/sources.py says why)
+    from datasets import Dataset, DatasetDict
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +173,8 @@ def check_wrong_reply_fraction(cfg: DataConfig, stage: str = "data") -> None:
 def builtin_chat(cfg: DataConfig, seed: int) -> DatasetDict:
     """Training conversations with cfg.wrong_reply_fraction of near-miss replies; the held-out
     ones always correct, so validation loss measures the right answers."""
+    from datasets import Dataset, DatasetDict
+
     check_wrong_reply_fraction(cfg)
     train = [demonstration(ex, cfg.wrong_reply_fraction) for ex in task_examples(cfg.num_train_examples, False, seed)]
     validation = [chat_messages(ex) for ex in task_examples(cfg.num_eval_examples, True, seed)]
@@ -178,6 +185,8 @@ def builtin_chat(cfg: DataConfig, seed: int) -> DatasetDict:
 
 def chat_splits(cfg: DataConfig, seed: int) -> DatasetDict:
     """train/validation conversations with a valid `messages` list."""
+    from datasets import DatasetDict
+
     builtin = builtin_chat(cfg, seed) if cfg.source == "builtin" else None
     splits = load_splits(cfg, builtin)
     return DatasetDict({
@@ -207,6 +216,8 @@ def _normalise_pair(row: dict) -> dict:
 
 
 def builtin_preferences(cfg: DataConfig, seed: int) -> DatasetDict:
+    from datasets import Dataset, DatasetDict
+
     def split(n: int, held_out: bool) -> Dataset:
         prompts, chosen, rejected = zip(*map(preference_pair, task_examples(n, held_out, seed)))
         return Dataset.from_dict({"prompt": list(prompts), "chosen": list(chosen), "rejected": list(rejected)})
@@ -216,6 +227,8 @@ def builtin_preferences(cfg: DataConfig, seed: int) -> DatasetDict:
 
 def preference_splits(cfg: DataConfig, seed: int) -> DatasetDict:
     """train/validation pairs normalised to prompt (messages), chosen and rejected (strings)."""
+    from datasets import DatasetDict
+
     if cfg.source == "builtin":
         return load_splits(cfg, builtin_preferences(cfg, seed))
     what = "a preference pair (chosen/rejected message lists with one prompt, or prompt/chosen/rejected strings)"

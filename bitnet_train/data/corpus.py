@@ -22,11 +22,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import load_dataset
-
 from ..config import DataConfig
 from .builtin_text import builtin_documents, held_out_every
-from .sources import FILE_BUILDERS, DataError, check_files, load_files, load_hub, named_split
+from .sources import DataError, check_files, load_files, load_hub, named_split
 
 UNDECODABLE = "hold bytes that are not UTF-8"
 NOT_AN_OBJECT = "are not JSON objects"
@@ -78,9 +76,7 @@ def files_corpus(cfg: DataConfig, hash_memo: Path) -> Corpus:
         elif suffix == ".jsonl":
             values = jsonl_values(paths, cfg.text_field, skipped)
         else:  # .json, .parquet: any layout the datasets builders accept
-            files = [str(p) for p in paths]
-            values = column(load_dataset(FILE_BUILDERS[suffix], data_files=files, split="train", streaming=True),
-                            cfg.text_field)
+            values = column(load_files(cfg, streaming=True)["train"], cfg.text_field)
         return usable(values, cfg, skipped)
 
     description = f"{len(paths)} {suffix} file(s) ({sum(p.stat().st_size for p in paths) / 1e6:.1f} MB)"

@@ -2,13 +2,22 @@
 
 Rows that lack the expected fields are skipped and counted; past `max_bad_row_fraction` the
 run stops before any compute, naming the file and the field.
+
+`datasets` (and pandas and pyarrow under it) is imported where it is used, not at the top of
+these modules: pretraining from the token cache never needs it, and it would cost every run
+start-up time and about 85 MB of memory.
 """
+from __future__ import annotations
+
 import logging
 from pathlib import Path
-
-from datasets import Dataset, DatasetDict, load_dataset
+from typing import TYPE_CHECKING
 
 from ..config import DataConfig
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +30,8 @@ class DataError(ValueError):
 
 def load_splits(cfg: DataConfig, builtin: DatasetDict | None = None) -> DatasetDict:
     """train/validation splits for `cfg.source`; `builtin` is the stage's own built-in data."""
+    from datasets import DatasetDict
+
     if cfg.source == "builtin":
         if builtin is None:
             raise DataError("this stage has no built-in data; set data.source=files or hub")
@@ -42,6 +53,8 @@ def load_hub(cfg: DataConfig, streaming: bool = False):
     """The hub dataset's splits (IterableDatasets if streaming: nothing is downloaded whole)."""
     if not cfg.name:
         raise DataError("data.source=hub needs data.name (a datasets hub name)")
+    from datasets import load_dataset
+
     return load_dataset(cfg.name, cfg.subset, streaming=streaming)
 
 
@@ -74,6 +87,8 @@ def load_files(cfg: DataConfig, streaming: bool = False):
     paths = check_files(cfg)
     builder = FILE_BUILDERS[paths[0].suffix]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
+    from datasets import load_dataset
+
     return load_dataset(builder, data_files={"train": [str(p) for p in paths]}, streaming=streaming, **kwargs)
 
 
