@@ -1,14 +1,16 @@
 """Benchmark the W2A8 CUDA kernels against a torch bf16 matmul at the 2B4T layer shapes.
 
     python -m bitnet_train.bench.cuda_kernels [--tokens 1 4 16 512] [--iters 200] [--lib PATH]
-                                              [--json FILE] [--markdown]
+                                              [--json FILE] [--markdown] [--triton]
 
 For each (N, K) = out x in features of a 2B4T BitLinear and each token count M it times
   w2a8      the integer product alone (GEMV for M <= 4, tensor-core GEMM otherwise), activations
             already int8;
   bitlinear the door's full call, float x in, float y out: one fused launch (quantize + GEMV)
             for M <= 4, quantizer + GEMM otherwise; at M = 1 also the two-launch path (bitl2);
-  bf16      x @ W^T with W in bfloat16 (cuBLAS), the dense baseline.
+  bf16      x @ W^T with W in bfloat16 (cuBLAS), the dense baseline;
+  triton    (--triton) the Triton W2A8 GEMM of kernels/triton_w2a8.py (int8 wgmma on Hopper),
+            the same integer product as w2a8, in its own table.
 
 Timing (docs/bench_cuda.md): every call is bracketed by its own pair of CUDA events and the
 median is reported. The Python door costs tens of microseconds of host time per call, more than
@@ -121,7 +123,7 @@ def copy_bandwidth_gbs() -> float:
 
 
 def bench_shape(cuda, n: int, k: int, m: int, iters: int, graphs: bool,
-                kernel: str | None = None) -> dict:
+                kernel: str | None = None, triton: bool = False) -> dict:
     gen = torch.Generator().manual_seed(n * 31 + k + m)
     codes = torch.randint(-1, 2, (n, k), generator=gen)
     qweight = pack_ternary(codes).cuda()
@@ -155,6 +157,16 @@ def bench_shape(cuda, n: int, k: int, m: int, iters: int, graphs: bool,
          "bf16_us": median_us(bf16, full, iters),
          "packed_bytes": qweight.numel(), "bf16_bytes": w_bf16.numel() * 2,
          "act_bytes": q.numel()}
+    if triton:  # autotuned on its first call, inside median_us's warm-up
+        from bitnet_train.kernels import triton_w2a8
+
+        def w2a8_triton(a, w, _x):
+            return triton_w2a8.ternary_matmul_int(a, w)
+
+        r["triton_us"] = median_us(w2a8_triton, packed, iters)
+        if graphs:
+            r["triton_graph_us"] = graph_us(w2a8_triton, packed)
+        r["triton_exact"] = bool(torch.equal(w2a8_triton(q, qweight, None), cuda.ternary_matmul_int(q, qweight, row_sum)))
     if m == 1:  # the two-launch path the fused kernel replaces
         r["bitlinear_2launch_us"] = median_us(bitlinear_unfused, packed, iters)
     if graphs:
@@ -182,6 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", choices=["gemv", "gemm"], help="force one product kernel")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
+    parser.add_argument("--triton", action="store_true", help="also time the Triton W2A8 GEMM (kernels/triton_w2a8.py)")
     args = parser.parse_args(argv)
 
     from bitnet_train.kernels import cuda
@@ -208,7 +221,8 @@ def main(argv=None) -> int:
     results = []
     for name, (n, k) in SHAPES_2B4T.items():
         for m in args.tokens:
-            r = bench_shape(cuda, n, k, m, args.iters, graphs=not args.no_graphs, kernel=args.kernel)
+            r = bench_shape(cuda, n, k, m, args.iters, graphs=not args.no_graphs, kernel=args.kernel,
+                            triton=args.triton)
             r["layer"] = name
             r["w2a8_gbs"] = (r["packed_bytes"] + r["act_bytes"]) / (r["w2a8_us"] * 1e-6) / 1e9
             r["bf16_gbs"] = (r["bf16_bytes"] + 2 * m * k) / (r["bf16_us"] * 1e-6) / 1e9
@@ -235,6 +249,16 @@ def main(argv=None) -> int:
                   f"{r['bitlinear_us']:.2f} | {g(r.get('w2a8_graph_us'))} | "
                   f"{g(r.get('bitlinear_graph_us'))} | {g(r.get('bf16_graph_us'))} | "
                   f"{g(r.get('graph_speedup'))}x |")
+    if args.markdown and args.triton:
+        print("\n| layer (N x K) | M | Triton W2A8 (us) | CUDA W2A8 (us) | cuBLAS bf16 (us) | Triton vs bf16 "
+              "| Triton graph (us) | bf16 graph (us) | graph: Triton vs bf16 | exact |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for r in results:
+            g = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+            tg, bg = r.get("triton_graph_us"), r.get("bf16_graph_us")
+            print(f"| {r['layer']} | {r['M']} | {r['triton_us']:.2f} | {r['w2a8_us']:.2f} | {r['bf16_us']:.2f} | "
+                  f"{r['bf16_us'] / r['triton_us']:.2f}x | {g(tg)} | {g(bg)} | "
+                  f"{g(bg / tg if tg and bg else None)}x | {r['triton_exact']} |")
     if args.json:
         args.json.write_text(json.dumps({"device": device, "torch": torch.__version__,
                                          "copy_gbs": copy_gbs, "graph_floor_us": floor_us,

@@ -8,7 +8,8 @@
 #   triton   the fused Triton BitLinear's tests, compiled on the GPU          -> pytest_triton.log
 #   train    bitnet-train bench train-gpu (700m, 2b4t; bf16, fused and torch
 #            QAT, torchao, onebitllms)                                       -> train_gpu.log, .json
-#   gemm     W2A8 GEMM vs cuBLAS bf16 at M = 16 and 512, the 2B4T shapes      -> gemm.log
+#   gemm     W2A8 GEMMs (CUDA mma.sync, Triton wgmma) vs cuBLAS bf16 at M = 16
+#            and 512, the 2B4T shapes                                        -> gemm.log
 #   dist     one FSDP2 and one ZeRO-3 run of the 700m pipeline, world size 1  -> distributed.log
 #   train2   bench train-gpu --compile --chunked-ce, 700m, bf16 and fused QAT -> train_gpu.log,
 #            train_compiled.json (last: the budget cuts it first)
@@ -105,7 +106,7 @@ if has train; then
     run_train train_gpu 300 ${TRAIN_ARGS:-}
 fi
 if has gemm; then  # the prefill shapes of issue 18: M = 16 and 512
-    timeout $(limit 90) $py -m bitnet_train.bench.cuda_kernels --tokens 16 512 --markdown >"$out/gemm.log" 2>&1
+    timeout $(limit 100) $py -m bitnet_train.bench.cuda_kernels --tokens 16 512 --markdown --triton >"$out/gemm.log" 2>&1
     note "W2A8 GEMM rc=$?"
     grep -E "^\|" "$out/gemm.log" >>"$summary"
 fi
