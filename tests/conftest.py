@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (tests/test_triton_*.py). Triton
+# decides that when it is first imported, and importing transformers imports it, so the switch is
+# set here, before any test module imports either.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # A model and data small enough that a pretraining run takes seconds on a 2-core CPU.
 TINY = [
