@@ -5,7 +5,7 @@
 #     PYTHONPATH=$PWD:$PWD/.gpu_pkgs bash kernels/cuda/gpu_session.sh [steps...]
 # Default steps (issue 18: QAT speed; under 8 minutes in all, BUDGET_S caps the sum):
 #   env      nvidia-smi, versions                                            -> env.log
-#   triton   the fused Triton BitLinear's tests, compiled on the GPU          -> pytest_triton.log
+#   triton   the Triton kernels' tests (BitLinear, W2A8), compiled on the GPU -> pytest_triton.log
 #   train    bitnet-train bench train-gpu (700m, 2b4t; bf16, fused and torch
 #            QAT, torchao, onebitllms)                                       -> train_gpu.log, .json
 #   gemm     W2A8 GEMMs (CUDA mma.sync, Triton wgmma) vs cuBLAS bf16 at M = 16
@@ -90,7 +90,8 @@ if has engine; then
     grep -E "FAILED|ERROR" "$out/pytest_engine.log" | head -20 >>"$summary"
 fi
 if has triton; then  # compiled here, not interpreted: tests/test_triton_bitlinear.py picks the GPU
-    timeout $(limit 150) $py -m pytest tests/test_triton_bitlinear.py -v -p no:cacheprovider -rfEs >"$out/pytest_triton.log" 2>&1
+    timeout $(limit 150) $py -m pytest tests/test_triton_bitlinear.py tests/test_triton_w2a8.py -v -p no:cacheprovider -rfEs \
+        >"$out/pytest_triton.log" 2>&1
     note "pytest triton rc=$? $(tail -1 "$out/pytest_triton.log")"
     grep -E "FAILED|ERROR" "$out/pytest_triton.log" | head -20 >>"$summary"
 fi
