@@ -136,3 +136,19 @@ def test_host_sync_sites_name_the_waiting_line(monkeypatch):
 
     sites = bench.host_sync_sites(step)
     assert len(sites) == 1 and sites[0].endswith("test_bench_train_gpu.py:" + str(step.__code__.co_firstlineno + 2))
+
+
+def test_an_out_of_memory_variant_reruns_every_variant_at_half_the_batch(monkeypatch):
+    calls = []
+
+    def fake_time_variant(model, variant, base, batch, seq, steps, warmup, compiled, chunked_ce):
+        calls.append((variant, batch))
+        fits = variant != "qat-torch" or batch <= 2
+        return bench.Row(model, variant, batch, seq, step_s=0.1 if fits else None, peak_gib=1.0 if fits else None,
+                         error=None if fits else "out of memory")
+
+    monkeypatch.setattr(bench, "time_variant", fake_time_variant)
+    rows = bench.time_model("700m", ["qat-torch", "bf16"], batch=8, seq=64, steps=1, warmup=0,
+                            compiled=False, chunked_ce=False)
+    assert [(r.variant, r.batch) for r in rows] == [("bf16", 2), ("qat-torch", 2), ("bf16", 2)]
+    assert calls[:3] == [("bf16", 8), ("qat-torch", 8), ("bf16", 8)] and len(calls) == 9
