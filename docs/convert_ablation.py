@@ -1,9 +1,10 @@
 """The conversion ablation of docs/convert.md: held-out perplexity on the built-in text at equal
 token budgets for the teacher, naive ternarization, plain QAT, + λ warm-up, + distillation, + SubLN.
 
-    python docs/convert_ablation.py OUT_DIR [TEACHER [I ...]]   # runs what is missing, then table + plot
+    python docs/convert_ablation.py OUT_DIR [TEACHER [I[:STEPS] ...]]   # runs what is missing, then table + plot
 
-I ...: only these entries of ORDER (two drivers can then share the work; default: all).
+I ...: only these entries of ORDER (two drivers can then share the work; default: all), each
+trained for STEPS steps (default STEPS below; fewer steps give fewer budget columns).
 
 Every variant is recipes/convert_smollm2 (its sequence length, batch, learning rate and
 evaluation blocks) with a few overrides (VARIANTS) and seeds 1 and 2; the learning rate is
@@ -23,8 +24,7 @@ import torch
 STEPS, EVAL_EVERY, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, WARMUP = 40, 20, 2, 128, 16, 8
 COMMON = [
     "recipes=convert_smollm2", "logging=off", "logging.progress_bar=false", "runtime.num_threads=2",
-    f"stages.convert.max_steps={STEPS}", f"stages.convert.eval_every={EVAL_EVERY}", "logging.log_every=1",
-    f"stages.convert.save_every={STEPS}", f"stages.convert.micro_batch_size={MICRO_BATCH}",
+    f"stages.convert.eval_every={EVAL_EVERY}", "logging.log_every=1", f"stages.convert.micro_batch_size={MICRO_BATCH}",
     f"stages.convert.data.seq_len={SEQ_LEN}", f"stages.convert.eval_batches={EVAL_BATCHES}",
 ]
 NO_KD = ["stages.convert.kd_weight=0"]
@@ -44,11 +44,14 @@ def run_dir(out: Path, variant: str, seed: int) -> Path:
     return out / f"{slug}_seed{seed}"
 
 
-def train(out: Path, teacher: str | None, variant: str, seed: int) -> None:
+def train(out: Path, teacher: str | None, variant: str, seed: int, steps: int) -> None:
     target = run_dir(out, variant, seed)
     if (target / "convert" / "final").is_dir():
         return
-    overrides = [*COMMON, *VARIANTS[variant], f"seed={seed}", f"output_dir={target}"]
+    overrides = [
+        *COMMON, *VARIANTS[variant], f"seed={seed}", f"output_dir={target}",
+        f"stages.convert.max_steps={steps}", f"stages.convert.save_every={steps}",
+    ]
     if teacher:
         overrides.append(f"stages.convert.teacher={teacher}")
     subprocess.run(["flock", "/tmp/bench.lock", sys.executable, "-m", "bitnet_train.cli", *overrides], check=True)
@@ -150,11 +153,12 @@ def plot(out: Path, png: Path) -> None:
 def main() -> None:
     out = Path(sys.argv[1])
     teacher = sys.argv[2] if len(sys.argv) > 2 else None
-    chosen = [ORDER[int(i)] for i in sys.argv[3:]] or ORDER
+    entries = [arg.split(":") for arg in sys.argv[3:]] or [[str(i)] for i in range(len(ORDER))]
+    chosen = [(*ORDER[int(e[0])], int(e[1]) if len(e) > 1 else STEPS) for e in entries]
     untrained = untrained_ppl(out, teacher)
     print(table(out, untrained), flush=True)
-    for variant, seed in chosen:
-        train(out, teacher, variant, seed)
+    for variant, seed, steps in chosen:
+        train(out, teacher, variant, seed, steps)
         print(table(out, untrained), flush=True)
     plot(out, Path(__file__).parent / "convert_curves.png")
 
