@@ -10,8 +10,7 @@ Every variant is recipes/convert_smollm2 (its sequence length, batch, learning r
 evaluation blocks) with a few overrides (VARIANTS) and seeds 1 and 2; the learning rate is
 constant after its warm-up, so each evaluation (every EVAL_EVERY steps) is a budget of its own.
 The teacher and the untrained ternary student are scored on the same validation blocks by the
-same sum of token losses as the trainer's evaluation. Each training run holds /tmp/bench.lock
-(flock), so benchmarks on the same machine run between the runs, never during one.
+same sum of token losses as the trainer's evaluation.
 """
 import json
 import math
@@ -54,7 +53,7 @@ def train(out: Path, teacher: str | None, variant: str, seed: int, steps: int) -
     ]
     if teacher:
         overrides.append(f"stages.convert.teacher={teacher}")
-    subprocess.run(["flock", "/tmp/bench.lock", sys.executable, "-m", "bitnet_train.cli", *overrides], check=True)
+    subprocess.run([sys.executable, "-m", "bitnet_train.cli", *overrides], check=True)
 
 
 def val_points(out: Path, variant: str, seed: int) -> dict[int, float]:
