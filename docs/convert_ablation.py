@@ -32,10 +32,12 @@ VARIANTS = {
     "+ λ warm-up": [f"stages.convert.quant_warmup_steps={WARMUP}", *NO_KD],
     "+ distillation": [f"stages.convert.quant_warmup_steps={WARMUP}", "stages.convert.kd_weight=1"],
     "+ SubLN": [f"stages.convert.quant_warmup_steps={WARMUP}", "stages.convert.kd_weight=1", "model.sub_norms=true"],
+    # Not one of the cumulative rows: distillation without the warm-up's cost.
+    "plain QAT + distillation": ["stages.convert.quant_warmup_steps=0", "stages.convert.kd_weight=1"],
 }
 # The comparison that matters first (plain QAT vs warm-up + distillation, two seeds), then the rest.
 ORDER = [("plain QAT", 1), ("+ distillation", 1), ("plain QAT", 2), ("+ distillation", 2),
-         ("+ λ warm-up", 1), ("+ SubLN", 1), ("+ λ warm-up", 2), ("+ SubLN", 2)]
+         ("+ λ warm-up", 1), ("+ SubLN", 1), ("+ λ warm-up", 2), ("+ SubLN", 2), ("plain QAT + distillation", 1)]
 
 
 def run_dir(out: Path, variant: str, seed: int) -> Path:
