@@ -132,6 +132,16 @@ def test_matmul_int_is_exact_at_int16_extremes(native, m, a_value, t):
     assert torch.equal(cpu.ternary_matmul_int(a, qweight), torch.full((m, n), a_value * t * k, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("a_value,t", [(-128, 1), (127, 1), (-128, -1), (127, -1)])
+def test_grouped_gemv_is_exact_at_int16_extremes(native, a_value, t):
+    """The decode GEMV (one row, grouped weights) keeps its int16 sums of 4 u products to their bound too."""
+    k, n = 128 * 40, 6
+    a = torch.full((1, k), a_value, dtype=torch.int8)
+    grouped = ext.group_rows(ternary_layout.pack_ternary(torch.full((n, k), t)).numpy())
+    got = torch.from_numpy(ext.ternary_gemm_int(a.numpy(), grouped, rows=n))
+    assert torch.equal(got, torch.full((1, n), a_value * t * k, dtype=torch.int32))
+
+
 # ---------------------------------------------------------------- bitlinear
 
 
