@@ -162,55 +162,12 @@ BITNET_AVX2 void tile_avx2(const int8_t* a, int64_t lda, const uint8_t* w, const
   }
 }
 
-// One activation row against Cols weight rows: decode's GEMV, where the unpacking is most of the
-// work. The fields of a byte p are taken as u0 = p & 3, 4 u1 = p & 12, u2 = (p >> 4) & 3 and
-// 4 u3 = (p >> 4) & 12: one shift per 32 bytes instead of three. The 4 u products go to their own
-// int16 accumulators, summed and divided by 4 (exactly: every term is a multiple of 4) at the end.
-// A 4 u lane gains at most 2 * 4 * 2 * 128 = 2048 per maddubs, two per block: widen every 7 blocks.
-constexpr int64_t kGemvFlushBlocks = 7;
-static_assert(kGemvFlushBlocks * 2 * 2048 <= 32767, "int16 accumulators could overflow");
-
-template <int Cols>
-BITNET_AVX2 void gemv_avx2(const int8_t* a, int64_t, const uint8_t* w, const Strides& ws, int64_t blocks,
-                           int32_t* dots) {
-  const __m256i low2 = _mm256_set1_epi8(3), high2 = _mm256_set1_epi8(12), ones = _mm256_set1_epi16(1);
-  // Grouped rows put a tile's blocks side by side: one prefetch per 64-byte line, not per 32 bytes.
-  const bool grouped = ws.row == kBlockBytes;
-  __m256i lo32[Cols], hi32[Cols];
-  for (int j = 0; j < Cols; ++j) lo32[j] = hi32[j] = _mm256_setzero_si256();
-  for (int64_t b0 = 0; b0 < blocks; b0 += kGemvFlushBlocks) {
-    __m256i lo[Cols], hi[Cols];  // int16 lanes
-    for (int j = 0; j < Cols; ++j) lo[j] = hi[j] = _mm256_setzero_si256();
-    const int64_t b1 = std::min(blocks, b0 + kGemvFlushBlocks);
-    for (int64_t b = b0; b < b1; ++b) {
-      const __m256i* ab = reinterpret_cast<const __m256i*>(a + b * kBlockValues);
-      const __m256i a0 = _mm256_loadu_si256(ab), a1 = _mm256_loadu_si256(ab + 1);
-      const __m256i a2 = _mm256_loadu_si256(ab + 2), a3 = _mm256_loadu_si256(ab + 3);
-      for (int j = 0; j < Cols; ++j) {
-        const uint8_t* wb = w + j * ws.row + b * ws.block;
-        if (!grouped || j % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchBytes), _MM_HINT_T1);
-        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
-        const __m256i ph = _mm256_srli_epi16(p, 4);
-        lo[j] = _mm256_add_epi16(lo[j], _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(p, low2), a0),
-                                                         _mm256_maddubs_epi16(_mm256_and_si256(ph, low2), a2)));
-        hi[j] = _mm256_add_epi16(hi[j], _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(p, high2), a1),
-                                                         _mm256_maddubs_epi16(_mm256_and_si256(ph, high2), a3)));
-      }
-    }
-    for (int j = 0; j < Cols; ++j) {
-      lo32[j] = _mm256_add_epi32(lo32[j], _mm256_madd_epi16(lo[j], ones));
-      hi32[j] = _mm256_add_epi32(hi32[j], _mm256_madd_epi16(hi[j], ones));
-    }
-  }
-  for (int j = 0; j < Cols; ++j) dots[j] = hsum_epi32(lo32[j]) + hsum_epi32(hi32[j]) / 4;
-}
-
 using TileImpl = void (*)(const int8_t*, int64_t, const uint8_t*, const Strides&, int64_t, int32_t*);
 
 // Every shape up to kMaxTile x kMaxTile: edge tiles need the smaller ones, and the tile choice
 // in kernel_for stays a one-line tuning change.
 constexpr TileImpl kAvx2Tiles[kMaxTile][kMaxTile] = {
-    {gemv_avx2<1>, gemv_avx2<2>, gemv_avx2<3>, gemv_avx2<4>},
+    {tile_avx2<1, 1>, tile_avx2<1, 2>, tile_avx2<1, 3>, tile_avx2<1, 4>},
     {tile_avx2<2, 1>, tile_avx2<2, 2>, tile_avx2<2, 3>, tile_avx2<2, 4>},
     {tile_avx2<3, 1>, tile_avx2<3, 2>, tile_avx2<3, 3>, tile_avx2<3, 4>},
     {tile_avx2<4, 1>, tile_avx2<4, 2>, tile_avx2<4, 3>, tile_avx2<4, 4>},
