@@ -37,7 +37,8 @@ VARIANTS = {
 }
 # The comparison that matters first (plain QAT vs warm-up + distillation, two seeds), then the rest.
 ORDER = [("plain QAT", 1), ("+ distillation", 1), ("plain QAT", 2), ("+ distillation", 2),
-         ("+ λ warm-up", 1), ("+ SubLN", 1), ("+ λ warm-up", 2), ("+ SubLN", 2), ("plain QAT + distillation", 1)]
+         ("+ λ warm-up", 1), ("+ SubLN", 1), ("+ λ warm-up", 2), ("+ SubLN", 2), ("plain QAT + distillation", 1),
+         ("plain QAT + distillation", 2)]
 
 
 def run_dir(out: Path, variant: str, seed: int) -> Path:
