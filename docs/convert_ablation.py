@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-STEPS, EVAL_EVERY, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, WARMUP = 40, 20, 2, 128, 16, 8
+STEPS, EVAL_EVERY, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, WARMUP = 100, 20, 2, 128, 16, 10
 COMMON = [
     "recipes=convert_smollm2", "logging=off", "logging.progress_bar=false", "runtime.num_threads=2",
     f"stages.convert.eval_every={EVAL_EVERY}", "logging.log_every=1", f"stages.convert.micro_batch_size={MICRO_BATCH}",
