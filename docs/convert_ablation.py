@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+# One thread: the ablation runs for an hour or more beside other work on a 2-core machine, and
+# every row of a table must use the same thread count (a matmul's summation order depends on it).
 STEPS, EVAL_EVERY, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, WARMUP = 100, 20, 2, 128, 16, 10
 COMMON = [
-    "recipes=convert_smollm2", "logging=off", "logging.progress_bar=false", "runtime.num_threads=2",
+    "recipes=convert_smollm2", "logging=off", "logging.progress_bar=false", "runtime.num_threads=1",
     f"stages.convert.eval_every={EVAL_EVERY}", "logging.log_every=1", f"stages.convert.micro_batch_size={MICRO_BATCH}",
     f"stages.convert.data.seq_len={SEQ_LEN}", f"stages.convert.eval_batches={EVAL_BATCHES}",
 ]
