@@ -421,3 +421,32 @@ def test_forked_child_runs_kernels_after_parent_used_threads(needs_ext):
     result = queue.get(timeout=60)
     child.join(timeout=60)
     assert child.exitcode == 0 and torch.equal(torch.from_numpy(result), expected)
+
+
+# ---------------------------------------------------------------- memory for streamed weights
+
+
+def transparent_huge_pages() -> bool:
+    """Whether this kernel gives huge pages to memory that asks (THP mode `always` or `madvise`)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def test_on_huge_pages_is_a_copy_with_the_same_values(needs_ext):
+    for t in (torch.randn(300, 70), torch.randint(-127, 128, (1000, 33), dtype=torch.int8),
+              torch.randn(5, 64).to(torch.bfloat16)):
+        copy = cpu.on_huge_pages(t)
+        assert copy.dtype == t.dtype and copy.shape == t.shape and torch.equal(copy, t)
+        assert copy.data_ptr() % 64 == 0 and copy.data_ptr() != t.data_ptr()
+    zeros = cpu.huge_page_zeros(3, 1000, 7)
+    assert zeros.shape == (3, 1000, 7) and zeros.dtype == torch.float32 and not zeros.any()
+
+
+@pytest.mark.skipif(not transparent_huge_pages(), reason="this kernel has transparent huge pages off")
+def test_streamed_weights_are_on_huge_pages(needs_ext):
+    """Where the kernel gives huge pages on request (THP `madvise` mode too), the buffers get them."""
+    copy = cpu.on_huge_pages(torch.ones(6 << 20, dtype=torch.uint8))
+    assert cpu._ext.huge_page_bytes(copy.numpy()) >= 4 << 20  # at least the two whole 2 MB pages inside

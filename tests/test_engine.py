@@ -190,6 +190,21 @@ def agree_up_to_flipped_roundings(a: torch.Tensor, b: torch.Tensor) -> bool:
     return float(diff.median()) < 1e-6 and float(diff.max()) < 2e-2
 
 
+def test_decode_streams_its_weights_and_cache_from_huge_pages(exported, text_ids):
+    """The decoder's grouped weights, the head and the KV cache are read whole every decode step:
+    they live on 2 MB pages where the kernel gives them (kernels/cpu/stream_arena.h)."""
+    from test_cpu_kernels import transparent_huge_pages
+
+    engine = Engine.from_export(exported / "own", head_dtype="int8", device="cpu")
+    if engine.native is None or not transparent_huge_pages():
+        pytest.skip("needs the compiled kernels and transparent huge pages")
+    cache = engine.new_cache(1, 4096)  # 2 x 2 MB of the tiny model's keys, so whole huge pages
+    engine.forward(text_ids[:1], cache)
+    assert engine.native.huge_page_bytes() > 0
+    for buffer in (engine.weights.head.weight, cache.k, cache.v):
+        assert cpu._ext.huge_page_bytes(buffer.view(-1).view(torch.uint8).numpy()) > 0
+
+
 def test_the_compiled_stack_names_a_wrong_cache(engine):
     if engine.native is None:
         pytest.skip("the compiled kernels are not built here")

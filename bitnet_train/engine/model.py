@@ -84,8 +84,11 @@ class KVCache:
 
     def __init__(self, layers: int, batch: int, kv_heads: int, max_tokens: int, head_dim: int, device):
         shape = (layers, batch, kv_heads, max_tokens, head_dim)
-        self.k = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.v = torch.zeros(shape, dtype=torch.float32, device=device)
+        if torch.device(device).type == "cpu":  # attention streams it every step: on 2 MB pages
+            self.k, self.v = cpu_door.huge_page_zeros(*shape), cpu_door.huge_page_zeros(*shape)
+        else:
+            self.k = torch.zeros(shape, dtype=torch.float32, device=device)
+            self.v = torch.zeros(shape, dtype=torch.float32, device=device)
         self.length = 0
 
     @property

@@ -81,6 +81,13 @@ class Head:
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, dtype: str = "fp32") -> "Head":
+        head = cls._stored(weight, dtype)
+        if head.weight.device.type == "cpu":  # read whole every decode step: on 2 MB pages (cpu.on_huge_pages)
+            head.weight = cpu.on_huge_pages(head.weight)
+        return head
+
+    @classmethod
+    def _stored(cls, weight: torch.Tensor, dtype: str) -> "Head":
         if dtype not in HEAD_DTYPES:
             raise ValueError(f"head_dtype must be one of {', '.join(HEAD_DTYPES)}, got {dtype!r}")
         weight = weight.float()
@@ -187,8 +194,10 @@ def build_weights(config: BitNetTrainConfig, get, head_dtype: str = "fp32") -> E
             down=ternary(f"{p}.mlp", ("down_proj",), inter),
         ))
     embed = get("model.embed_tokens.weight").float()
-    head = embed if config.tie_word_embeddings else get("lm_head.weight")
-    return EngineWeights(config, embed, layers, get("model.norm.weight").float(), Head.from_float(head, head_dtype))
+    head = Head.from_float(embed if config.tie_word_embeddings else get("lm_head.weight"), head_dtype)
+    if config.tie_word_embeddings and head_dtype == "fp32":
+        embed = head.weight  # the same values: one copy (on huge pages), not two
+    return EngineWeights(config, embed, layers, get("model.norm.weight").float(), head)
 
 
 def load_weights(directory: str | Path, head_dtype: str = "fp32") -> EngineWeights:

@@ -185,6 +185,29 @@ def int4_weight_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
     return torch.from_numpy(ext.int4_weight_linear(x.numpy(), packed.numpy(), scales.numpy(), rows))
 
 
+def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the CPU tensor t in memory on 2 MB pages where the kernel grants them
+    (kernels/cpu/stream_arena.h): a decode step streams its weights once per token, and on 4 KB pages
+    that is a TLB miss per 4 KB. Without the extension (or for an empty t), t itself."""
+    t = _cpu(t, "t")
+    ext = _native()
+    if ext is None or t.numel() == 0:
+        return t
+    out = torch.from_numpy(ext.huge_page_buffer(t.numel() * t.element_size())).view(t.dtype).view(t.shape)
+    return out.copy_(t)
+
+
+def huge_page_zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """torch.zeros(shape, dtype) on the CPU, on 2 MB pages where the kernel grants them (as on_huge_pages)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    ext = _native()
+    if ext is None or numel == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.from_numpy(ext.huge_page_buffer(numel * dtype.itemsize)).view(dtype).view(shape)
+
+
 def native_decoder(hidden: int, intermediate: int, heads: int, kv_heads: int, eps: float, activation: str,
                    layers: list[tuple[torch.Tensor | None, ...]]):
     """The compiled decoder stack (kernels/cpu/decoder.h): every layer of a forward step in one call,

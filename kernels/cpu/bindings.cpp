@@ -18,6 +18,7 @@
 #include "decoder.h"
 #include "int4_weights.h"
 #include "int8_weights.h"
+#include "stream_arena.h"
 #include "ternary_kernels.h"
 #include "thread_pool.h"
 
@@ -266,6 +267,9 @@ class Decoder {
     }
     shape_ = {hidden, intermediate, heads, kv_heads, hidden / heads, eps, parse_activation(activation)};
     const int64_t kv = kv_heads * shape_.head_dim;
+    arena_ = bitnet::StreamArena(static_cast<int64_t>(layers.size()) *
+                                 (grouped(hidden + 2 * kv, hidden) + grouped(hidden, hidden) +
+                                  grouped(2 * intermediate, hidden) + grouped(hidden, intermediate)));
     for (size_t i = 0; i < layers.size(); ++i) {
       const auto t = layers[i].cast<py::tuple>();
       if (t.size() != 13) throw py::value_error("Decoder: layer " + std::to_string(i) + " needs 13 entries");
@@ -321,6 +325,8 @@ class Decoder {
     bitnet::decoder_forward(s.isa, shape_, layers_, step, workspace_, s.threads);
   }
 
+  int64_t huge_page_bytes() const { return arena_.huge_page_bytes(); }
+
  private:
   const float* vector(const py::handle& obj, const std::string& name, int64_t n) {
     const py::array a = require<float>(obj, name, 1);
@@ -347,18 +353,37 @@ class Decoder {
     if (w.shape(0) != n) throw py::value_error(name + " qweight must have " + std::to_string(n) + " rows");
     const int64_t k_padded = bitnet::padded_features(k);
     check_weight(w, k_padded, name);
-    grouped_.emplace_back(bitnet::grouped_bytes(n, k_padded, bitnet::kStreamGroup));
-    bitnet::group_rows(data<uint8_t>(w), n, k_padded, bitnet::kStreamGroup, grouped_.back().data());
-    return {grouped_.back().data(), vector(scales_obj, name + " row scales", n), n, k, bitnet::kStreamGroup};
+    uint8_t* out = arena_.take(bitnet::grouped_bytes(n, k_padded, bitnet::kStreamGroup));
+    bitnet::group_rows(data<uint8_t>(w), n, k_padded, bitnet::kStreamGroup, out);
+    return {out, vector(scales_obj, name + " row scales", n), n, k, bitnet::kStreamGroup};
+  }
+
+  // Arena bytes of a projection's grouped rows.
+  static int64_t grouped(int64_t n, int64_t k) {
+    return bitnet::arena_bytes(bitnet::grouped_bytes(n, bitnet::padded_features(k), bitnet::kStreamGroup));
   }
 
   bitnet::DecoderShape shape_;
   std::vector<bitnet::DecoderLayer> layers_;
   std::vector<py::array> keep_;
-  std::vector<std::vector<uint8_t>> grouped_;
+  bitnet::StreamArena arena_;  // the grouped weights
   bitnet::DecoderWorkspace workspace_;
   std::mutex workspace_mutex_;
 };
+
+// A zeroed buffer of `bytes` in its own StreamArena, which the array's base owns.
+py::array_t<uint8_t> huge_page_buffer(int64_t bytes) {
+  if (bytes < 1) throw py::value_error("huge_page_buffer: need at least 1 byte, got " + std::to_string(bytes));
+  auto* arena = new bitnet::StreamArena(bytes);
+  uint8_t* data = arena->take(bytes);
+  py::capsule owner(arena, [](void* p) { delete static_cast<bitnet::StreamArena*>(p); });
+  return py::array_t<uint8_t>({bytes}, {int64_t{1}}, data, owner);
+}
+
+int64_t huge_page_bytes(const py::handle& obj) {
+  const py::array a = require<uint8_t>(obj, "huge_page_bytes: buffer", 1);
+  return bitnet::mapped_huge_page_bytes(a.data());
+}
 
 const char* backend_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "scalar"; }
 
@@ -419,7 +444,13 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       .def("forward", &Decoder::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("past"),
            "x (batch, tokens, hidden) float32, in place: embeddings in, last hidden state out; appends the "
-           "tokens' keys/values to the caches at positions past ..");
+           "tokens' keys/values to the caches at positions past ..")
+      .def("huge_page_bytes", &Decoder::huge_page_bytes,
+           "bytes of its grouped weights the kernel backs with 2 MB pages now (kernels/cpu/stream_arena.h)");
+  m.def("huge_page_buffer", &huge_page_buffer, py::arg("bytes"),
+        "a zeroed uint8 (bytes,) array on 2 MB pages where the kernel grants them (kernels/cpu/stream_arena.h)");
+  m.def("huge_page_bytes", &huge_page_bytes, py::arg("buffer"),
+        "bytes of a huge_page_buffer the kernel backs with 2 MB pages now");
   m.def("set_backend", &set_backend, py::arg("name"), "'auto', 'avx2' or 'scalar'");
   m.def("get_backend", [] { return backend_name(settings().isa); }, "the backend calls run on now");
   m.def("available_backends", &available_backends, "backends this CPU can run");
