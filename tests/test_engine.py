@@ -181,6 +181,25 @@ def test_the_compiled_stack_equals_the_torch_layers(engine, text_ids):
     assert agree_up_to_flipped_roundings(keys, cache.k)  # both filled the cache alike
 
 
+def test_attention_over_many_cached_positions(engine):
+    """The compiled attention takes the cache 64 positions at a time and merges the chunks' softmaxes
+    (kernels/cpu/decoder.cpp): over 200 positions, decode equals a full recompute, and both the torch
+    layers."""
+    if engine.native is None or cpu.backend() == "torch":
+        pytest.skip("the compiled kernels are not built here")
+    ids = torch.randint(0, engine.vocab_size, (1, 200), generator=torch.Generator().manual_seed(0))
+    full = engine.forward(ids)
+    cache = engine.new_cache(1, 200)
+    steps = [engine.forward(ids[:, :130], cache)] + [engine.forward(ids[:, t:t + 1], cache) for t in range(130, 200)]
+    assert relative_error(torch.cat(steps, dim=1), full) < 1e-5
+    engine.native, stack = None, engine.native
+    try:
+        layered = engine.forward(ids)
+    finally:
+        engine.native = stack
+    assert agree_up_to_flipped_roundings(full, layered)
+
+
 def agree_up_to_flipped_roundings(a: torch.Tensor, b: torch.Tensor) -> bool:
     """The compiled RMSNorm sums in another order than torch's: an ulp apart, which can tip an
     int8 activation rounding and move what follows by about one int8 step (1/127 of the range).

@@ -124,8 +124,8 @@ BITNET_AVX2 void scores_avx2(const float* q, const float* keys, int64_t seen, in
   for (; j < seen; ++j) scores[j] = dot_avx2(q, keys + j * hd, hd) * scale;
 }
 
-// In place: scores[j] = exp(scores[j] - max); returns their sum.
-BITNET_AVX2 float softmax_numerators_avx2(float* scores, int64_t seen) {
+// In place: scores[j] = exp(scores[j] - max); returns their sum, and the max in *top.
+BITNET_AVX2 float softmax_numerators_avx2(float* scores, int64_t seen, float* top_out) {
   __m256 vmax = _mm256_set1_ps(-INFINITY);
   int64_t j = 0;
   for (; j + 8 <= seen; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(scores + j));
@@ -145,13 +145,12 @@ BITNET_AVX2 float softmax_numerators_avx2(float* scores, int64_t seen) {
     const __m256 e = exp_avx2(_mm256_set1_ps(scores[j] - top));
     total += scores[j] = _mm256_cvtss_f32(e);
   }
+  *top_out = top;
   return total;
 }
 
-// y = sum_j weights[j] * values[j] / total, 64 dimensions at a time in registers.
-BITNET_AVX2 void weighted_values_avx2(const float* weights, const float* values, int64_t seen, int64_t hd, float total,
-                                      float* y) {
-  const __m256 inv = _mm256_set1_ps(1.0f / total);
+// y = sum_j weights[j] * values[j], 64 dimensions at a time in registers.
+BITNET_AVX2 void weighted_values_avx2(const float* weights, const float* values, int64_t seen, int64_t hd, float* y) {
   for (int64_t d0 = 0; d0 < hd; d0 += 64) {
     const int chunks = static_cast<int>(std::min<int64_t>(64, hd - d0) / 8);
     __m256 acc[8];
@@ -161,8 +160,32 @@ BITNET_AVX2 void weighted_values_avx2(const float* weights, const float* values,
       const float* v = values + j * hd + d0;
       for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
     }
-    for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(y + d0 + 8 * c, _mm256_mul_ps(acc[c], inv));
+    for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(y + d0 + 8 * c, acc[c]);
   }
+}
+
+// Attention over chunks of the cached positions: chunk c's partial softmax is (y: the weighted
+// values, unnormalized; its max score; its sum of exponentials), kPartial floats.
+constexpr int64_t kAttentionChunk = 64;
+
+// y = the softmax-weighted values of `count` chunk partials (stride `stride` floats), merged in
+// chunk order: each rescaled by exp(its max - the overall max).
+BITNET_AVX2 void merge_partials_avx2(const float* partials, int64_t count, int64_t stride, int64_t hd, float* y) {
+  float top = -INFINITY;
+  for (int64_t c = 0; c < count; ++c) top = std::max(top, partials[c * stride + hd]);
+  float total = 0.0f;
+  for (int64_t c = 0; c < count; ++c) {
+    const float* p = partials + c * stride;
+    const float w = std::exp(p[hd] - top);
+    total += w * p[hd + 1];
+    const __m256 vw = _mm256_set1_ps(w);
+    for (int64_t d = 0; d < hd; d += 8) {
+      const __m256 term = _mm256_mul_ps(vw, _mm256_loadu_ps(p + d));
+      _mm256_storeu_ps(y + d, c == 0 ? term : _mm256_add_ps(_mm256_loadu_ps(y + d), term));
+    }
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / total);
+  for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(y + d, _mm256_mul_ps(_mm256_loadu_ps(y + d), inv));
 }
 
 // h[i] = max(gate[i], 0)^2 * up[i] for the whole multiples of 8; returns how many were done.
@@ -198,7 +221,8 @@ class Step {
         codes_(sized(ws.codes, rows_ * padded_features(std::max(shape.hidden, shape.intermediate)))),
         a_scales_(sized(ws.a_scales, rows_)), qkv_(sized(ws.qkv, rows_ * (q_cols_ + 2 * kv_cols_))),
         attended_(sized(ws.attended, rows_ * q_cols_)), gate_up_(sized(ws.gate_up, rows_ * 2 * shape.intermediate)),
-        ffn_(sized(ws.ffn, rows_ * shape.intermediate)), out_(sized(ws.out, rows_ * shape.hidden)) {}
+        ffn_(sized(ws.ffn, rows_ * shape.intermediate)), out_(sized(ws.out, rows_ * shape.hidden)),
+        partials_(ws.partials) {}
 
   void layer(int64_t index, const DecoderLayer& l) {
     // Attention block: x += o_proj(attn_sub_norm(attention(rope(qkv(input_norm(x)) + bias))))
@@ -260,25 +284,78 @@ class Step {
   }
 
   // Causal GQA attention: the token at position p sees cached positions 0 .. p.
+  //
+  // On AVX2 the cached positions are taken in chunks of kAttentionChunk, each giving a partial
+  // softmax for every query head of its KV group, merged in chunk order: the same arithmetic
+  // whichever task computes which chunk, so a decode step and a full recompute agree exactly. When
+  // few tokens are decoded, a task is one chunk of one group (2B4T decode: 5 groups x ~3 chunks, so
+  // both threads share the cache reads), else all chunks of one token's group (prefill). Either way
+  // the group's 4 query heads read each key and value from DRAM once, not 4 times.
   void attend(int64_t layer) {
+    if (isa_ != Isa::kAvx2 || s_.head_dim % 8 != 0) return attend_scalar(layer);
+    const int64_t hd = s_.head_dim, group = s_.heads / s_.kv_heads, part = hd + 2;
+    const int64_t chunks = ceil_div(st_.past + st_.tokens, kAttentionChunk), units = rows_ * s_.kv_heads;
+    const bool split = units < 4 * threads_;
+    if (split) sized(partials_, units * group * chunks * part);
+    parallel_for(split ? units * chunks : units, threads_, [&](int64_t task) {
+      const int64_t unit = split ? task / chunks : task, r = unit / s_.kv_heads, g = unit % s_.kv_heads;
+      const int64_t seen = st_.past + r % st_.tokens + 1, used = ceil_div(seen, kAttentionChunk);
+      thread_local std::vector<float> local;
+      float* out;  // this unit's partials: (head in group, chunk, part)
+      if (split) {
+        if (task % chunks >= used) return;
+        out = partials_.data() + unit * group * chunks * part;
+        chunk_partials(layer, r, g, task % chunks, seen, chunks, out);
+        return;
+      }
+      local.resize(group * chunks * part);
+      out = local.data();
+      for (int64_t c = 0; c < used; ++c) chunk_partials(layer, r, g, c, seen, chunks, out);
+      for (int64_t h = 0; h < group; ++h) {
+        merge_partials_avx2(out + h * chunks * part, used, part, hd, attended_.data() + r * q_cols_ + (g * group + h) * hd);
+      }
+    });
+    if (!split) return;
+    for (int64_t unit = 0; unit < units; ++unit) {
+      const int64_t r = unit / s_.kv_heads, g = unit % s_.kv_heads;
+      const int64_t used = ceil_div(st_.past + r % st_.tokens + 1, kAttentionChunk);
+      for (int64_t h = 0; h < group; ++h) {
+        merge_partials_avx2(partials_.data() + (unit * group + h) * chunks * part, used, part, hd,
+                            attended_.data() + r * q_cols_ + (g * group + h) * hd);
+      }
+    }
+  }
+
+  // Chunk c's partials for every query head of KV group g at row r (which sees `seen` positions),
+  // written to out[(h * chunks + c) * (head_dim + 2) ..].
+  void chunk_partials(int64_t layer, int64_t r, int64_t g, int64_t c, int64_t seen, int64_t chunks, float* out) {
+    const int64_t hd = s_.head_dim, group = s_.heads / s_.kv_heads, part = hd + 2, ld = q_cols_ + 2 * kv_cols_;
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+    const int64_t b = r / st_.tokens, j0 = c * kAttentionChunk, n = std::min(seen, j0 + kAttentionChunk) - j0;
+    const float* keys = cache_row(st_.k_cache, layer, b, g, j0);
+    const float* values = cache_row(st_.v_cache, layer, b, g, j0);
+    float scores[kAttentionChunk];
+    for (int64_t h = 0; h < group; ++h) {
+      const float* q = qkv_.data() + r * ld + (g * group + h) * hd;
+      float* p = out + (h * chunks + c) * part;
+      scores_avx2(q, keys, n, hd, scale, scores);
+      p[hd + 1] = softmax_numerators_avx2(scores, n, &p[hd]);
+      weighted_values_avx2(scores, values, n, hd, p);
+    }
+  }
+
+  // The portable path: one query head per task, its scores over all positions at once.
+  void attend_scalar(int64_t layer) {
     const int64_t hd = s_.head_dim, ld = q_cols_ + 2 * kv_cols_, group = s_.heads / s_.kv_heads;
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-    const bool vector = isa_ == Isa::kAvx2 && hd % 8 == 0;
     parallel_for(st_.batch * s_.heads, threads_, [&](int64_t task) {
       const int64_t b = task / s_.heads, h = task % s_.heads, g = h / group;
       const float* keys = cache_row(st_.k_cache, layer, b, g, 0);
       const float* values = cache_row(st_.v_cache, layer, b, g, 0);
-      thread_local std::vector<float> scores;
-      scores.resize(st_.past + st_.tokens);
+      std::vector<float> scores(st_.past + st_.tokens);
       for (int64_t t = 0; t < st_.tokens; ++t) {
         const int64_t r = b * st_.tokens + t, seen = st_.past + t + 1;
         const float* q = qkv_.data() + r * ld + h * hd;
-        float* y = attended_.data() + r * q_cols_ + h * hd;
-        if (vector) {
-          scores_avx2(q, keys, seen, hd, scale, scores.data());
-          weighted_values_avx2(scores.data(), values, seen, hd, softmax_numerators_avx2(scores.data(), seen), y);
-          continue;
-        }
         float top = -INFINITY;
         for (int64_t j = 0; j < seen; ++j) {
           scores[j] = dot(isa_, q, keys + j * hd, hd) * scale;
@@ -286,6 +363,7 @@ class Step {
         }
         float total = 0.0f;
         for (int64_t j = 0; j < seen; ++j) total += scores[j] = std::exp(scores[j] - top);
+        float* y = attended_.data() + r * q_cols_ + h * hd;
         std::fill(y, y + hd, 0.0f);
         for (int64_t j = 0; j < seen; ++j) axpy(isa_, scores[j] / total, values + j * hd, hd, y);
       }
@@ -331,7 +409,7 @@ class Step {
   const int64_t rows_, q_cols_, kv_cols_;
   std::vector<float>& normed_;
   std::vector<int8_t>& codes_;
-  std::vector<float>&a_scales_, &qkv_, &attended_, &gate_up_, &ffn_, &out_;
+  std::vector<float>&a_scales_, &qkv_, &attended_, &gate_up_, &ffn_, &out_, &partials_;
 };
 
 }  // namespace

@@ -60,7 +60,7 @@ struct DecoderStep {
 // A step's intermediate activations, kept from one step to the next: allocated afresh, a
 // 128-token prefill of 2B4T faulted in ~20 MB of new pages per call (a fifth of its non-GEMM time).
 struct DecoderWorkspace {
-  std::vector<float> normed, a_scales, qkv, attended, gate_up, ffn, out;
+  std::vector<float> normed, a_scales, qkv, attended, gate_up, ffn, out, partials;
   std::vector<int8_t> codes;
 };
 
