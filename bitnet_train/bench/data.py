@@ -13,11 +13,14 @@ batches with the text already in memory, timed around the calls alone. The two a
 (which a machine shared with other jobs disturbs less).
 
 Memory and start-up (each --sizes-mb corpus, the tiny model, fresh processes):
-  1. a training run with an empty cache directory: its peak RSS (ru_maxrss from wait4);
+  1. a training run with an empty cache directory: its peak RSS (VmHWM, read every 10 ms);
   2. the same run again, the cache reused: its peak RSS and the seconds from the process start
      to the end of its first optimizer step (imports and model set-up included);
   3. in this process, the seconds that building the pretraining stage takes with the cache in
      place: the data's share of that start-up.
+Then the fixed part of every start-up: a fresh process that only imports what a training run
+imports (as the command line does, torch and transformers outside the garbage collector), its
+seconds from start to exit and its peak RSS, the median of --rounds.
 Corpora and caches stay under --dir (delete it afterwards); parts are shared between sizes.
 """
 import argparse
@@ -64,6 +67,17 @@ def write_parts(directory: Path, n_parts: int) -> list[Path]:
     return paths
 
 
+def peak_rss_mb(pid: int) -> float:
+    """A process's own peak RSS so far (VmHWM), 0 once it has exited. Not wait4's ru_maxrss: Linux
+    keeps that high-water mark across fork and exec, so a child's counts the RSS of the parent
+    that spawned it (this benchmark's process, holding torch and the throughput round's text)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
+
+
 def train_once(files: list[Path], cache: Path, out: Path, steps: int, threads: int) -> dict:
     """One training run in a fresh process: its peak RSS and the seconds to its first step."""
     args = [*MODEL, "logging=off", "logging.progress_bar=false", "logging.plot=false", "logging.log_every=1",
@@ -78,9 +92,10 @@ def train_once(files: list[Path], cache: Path, out: Path, steps: int, threads: i
     with open(out.parent / f"{out.name}.log", "w") as log:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "bitnet_train.cli", *args], stdout=log, stderr=log)
-        first_step = None
+        first_step, peak = None, 0.0
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # the child's own peak RSS, once it ends
+            peak = max(peak, peak_rss_mb(proc.pid))
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
             if pid:
                 break
             if first_step is None and metrics.exists() and '"step": 1' in metrics.read_text():
@@ -88,7 +103,7 @@ def train_once(files: list[Path], cache: Path, out: Path, steps: int, threads: i
             time.sleep(0.01)
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"training run failed; see {log.name}")
-    return {"first_step_s": first_step, "peak_rss_mb": usage.ru_maxrss / 1024}  # ru_maxrss: KB on Linux
+    return {"first_step_s": first_step, "peak_rss_mb": peak}
 
 
 def throughput(files: list[Path], root: Path, rounds: int) -> dict:
@@ -127,6 +142,21 @@ def stage_seconds(files: list[Path], cache: Path) -> float:
     start = time.perf_counter()
     PretrainStage(cfg.stages["pretrain"], tokenizer, cfg.seed, 256)
     return time.perf_counter() - start
+
+
+IMPORTS = """
+from bitnet_train.cli import long_lived_imports
+with long_lived_imports(fresh_process=True):
+    import bitnet_train.preemption, bitnet_train.pipeline, bitnet_train.sweep, bitnet_train.trainer
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+def imports_once() -> dict:
+    """A fresh process importing what a training run imports: its seconds and peak RSS."""
+    start = time.perf_counter()
+    peak_kb = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True, check=True).stdout
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": int(peak_kb) / 1024}
 
 
 def main(argv=None) -> None:
@@ -170,6 +200,10 @@ def main(argv=None) -> None:
         print(f"| {size} MB | {tokens / 1e6:.1f} M | {index['tokens_per_second']:,.0f} | {build['peak_rss_mb']:.0f} MB "
               f"| {reuse['peak_rss_mb']:.0f} MB | {reuse['first_step_s']:.1f} s | {data_s:.2f} s | {os.getloadavg()[0]:.1f} |",
               flush=True)
+    runs = [imports_once() for _ in range(args.rounds)]
+    print(f"\nimports alone (a fresh process, median of {args.rounds}): "
+          f"{statistics.median(r['seconds'] for r in runs):.1f} s, "
+          f"peak RSS {statistics.median(r['peak_rss_mb'] for r in runs):.0f} MB; load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
