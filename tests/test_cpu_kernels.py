@@ -450,3 +450,12 @@ def test_streamed_weights_are_on_huge_pages(needs_ext):
     """Where the kernel gives huge pages on request (THP `madvise` mode too), the buffers get them."""
     copy = cpu.on_huge_pages(torch.ones(6 << 20, dtype=torch.uint8))
     assert cpu._ext.huge_page_bytes(copy.numpy()) >= 4 << 20  # at least the two whole 2 MB pages inside
+
+
+def test_stream_xor_reads_every_word(needs_ext):
+    """The read-bandwidth probe (bench engine's reference) must read the whole buffer, not skip any."""
+    data = np.random.default_rng(0).integers(0, 256, (1 << 20) + 96, dtype=np.uint8)
+    assert cpu._ext.stream_xor(data) == np.bitwise_xor.reduce(data.view(np.uint64))
+    data[-1] ^= 0x80  # the last 32-byte step counts too
+    assert cpu._ext.stream_xor(data) == np.bitwise_xor.reduce(data.view(np.uint64))
+    assert cpu.stream_read_gbs(1 << 24, reps=2) > 0

@@ -385,6 +385,14 @@ int64_t huge_page_bytes(const py::handle& obj) {
   return bitnet::mapped_huge_page_bytes(a.data());
 }
 
+uint64_t stream_xor(const py::handle& obj) {
+  const py::array a = require<uint8_t>(obj, "stream_xor: buffer", 1);
+  if (a.shape(0) % 32 != 0) throw py::value_error("stream_xor: the buffer's size must be a multiple of 32 bytes");
+  const int threads = settings().threads;
+  py::gil_scoped_release nogil;
+  return bitnet::stream_xor(data<uint8_t>(a), a.shape(0), threads);
+}
+
 const char* backend_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "scalar"; }
 
 std::vector<std::string> available_backends() {
@@ -451,6 +459,8 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         "a zeroed uint8 (bytes,) array on 2 MB pages where the kernel grants them (kernels/cpu/stream_arena.h)");
   m.def("huge_page_bytes", &huge_page_bytes, py::arg("buffer"),
         "bytes of a huge_page_buffer the kernel backs with 2 MB pages now");
+  m.def("stream_xor", &stream_xor, py::arg("buffer"),
+        "XOR of every 8-byte word of a uint8 buffer, read like the GEMVs read weights: times the read bandwidth");
   m.def("set_backend", &set_backend, py::arg("name"), "'auto', 'avx2' or 'scalar'");
   m.def("get_backend", [] { return backend_name(settings().isa); }, "the backend calls run on now");
   m.def("available_backends", &available_backends, "backends this CPU can run");

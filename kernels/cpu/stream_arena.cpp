@@ -2,11 +2,18 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <fstream>
 #include <new>
 #include <sstream>
 #include <string>
 #include <utility>
+
+#include "avx2.h"
+#include "ternary_kernels.h"
+#include "thread_pool.h"
 
 namespace bitnet {
 
@@ -50,6 +57,47 @@ uint8_t* StreamArena::take(int64_t bytes) {
 }
 
 int64_t StreamArena::huge_page_bytes() const { return base_ == nullptr ? 0 : mapped_huge_page_bytes(base_); }
+
+namespace {
+
+BITNET_AVX2 uint64_t xor_avx2(const uint8_t* p, int64_t bytes) {
+  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  int64_t i = 0;
+  for (; i + 128 <= bytes; i += 128) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + i + 4096), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(p + i + 4096 + 64), _MM_HINT_T1);
+    for (int u = 0; u < 4; ++u) {
+      acc[u] = _mm256_xor_si256(acc[u], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32 * u)));
+    }
+  }
+  for (; i + 32 <= bytes; i += 32) acc[0] = _mm256_xor_si256(acc[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i)));
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_xor_si256(_mm256_xor_si256(acc[0], acc[1]), _mm256_xor_si256(acc[2], acc[3])));
+  return lanes[0] ^ lanes[1] ^ lanes[2] ^ lanes[3];
+}
+
+uint64_t xor_scalar(const uint8_t* p, int64_t bytes) {
+  uint64_t acc = 0;
+  for (int64_t i = 0; i + 8 <= bytes; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, p + i, 8);
+    acc ^= word;
+  }
+  return acc;
+}
+
+}  // namespace
+
+uint64_t stream_xor(const uint8_t* p, int64_t bytes, int threads) {
+  constexpr int64_t kTask = 256 * 1024;
+  std::atomic<uint64_t> total{0};
+  const bool avx2 = cpu_has_avx2();
+  parallel_for(ceil_div(bytes, kTask), threads, [&](int64_t t) {
+    const int64_t begin = t * kTask, n = std::min(bytes, begin + kTask) - begin;
+    total.fetch_xor(avx2 ? xor_avx2(p + begin, n) : xor_scalar(p + begin, n));
+  });
+  return total.load();
+}
 
 int64_t mapped_huge_page_bytes(const void* start) {
   // /proc/self/smaps: the mapping that begins at `start`, its AnonHugePages line (kB).

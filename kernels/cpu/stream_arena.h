@@ -39,6 +39,11 @@ class StreamArena {
 // /proc/self/smaps (0 where there is none).
 int64_t mapped_huge_page_bytes(const void* start);
 
+// XOR of every 8-byte word of p[0 .. bytes) (bytes a multiple of 32), read on `threads` threads in
+// 256 KB tasks with the GEMVs' software prefetch: the read bandwidth a decode step can hope for,
+// measured the way it reads (one AVX2 op per 32 bytes, so memory alone bounds it).
+uint64_t stream_xor(const uint8_t* p, int64_t bytes, int threads);
+
 // Bytes take() hands out for `bytes`: rounded up to its alignment.
 inline int64_t arena_bytes(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
