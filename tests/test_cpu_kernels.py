@@ -201,6 +201,30 @@ def test_int8_weight_linear_equals_reference_bitwise(native, m, k, n):
     assert torch.equal(cpu.int8_weight_linear(x, weight, scale), cpu.reference_int8_weight_linear(x, weight, scale))
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 16, 4), (1, 2565, 301), (3, 2560, 7), (6, 9000, 13), (1, 5, 3), (2, 33, 9)])
+def test_int8_weight_linear_on_grouped_rows_equals_reference_bitwise(native, m, k, n):
+    """The grouped layout (4 rows interleaved in 16-value blocks, zero padded) gives the same numbers:
+    rows that do not fill the last group, K not a multiple of 16, a GEMM's 2-row tiles."""
+    weight, scale = int8_head(n, k)
+    x = torch.randn(m, k, generator=generator(m + k)) * 4
+    got = cpu.int8_weight_linear(x, cpu.int8_group_rows(weight), scale, rows=n)
+    assert torch.equal(got, cpu.reference_int8_weight_linear(x, weight, scale))
+
+
+def test_int8_group_rows_round_trips(needs_ext):
+    weight, _ = int8_head(13, 70)
+    grouped = cpu.int8_group_rows(weight)
+    assert grouped.shape == (4, 4 * 80)
+    assert torch.equal(cpu.int8_ungroup_rows(grouped, 13, 70), weight)
+    assert torch.equal(grouped.view(4, 5, 4, 16)[1, 0, 2], weight[6, :16])  # row 6: group 1, slot 2
+
+
+def test_int8_grouped_weight_of_the_wrong_shape_is_named(needs_ext):
+    weight, scale = int8_head(8, 64)
+    with pytest.raises(ValueError, match="grouped weight of 9 rows"):
+        cpu.int8_weight_linear(torch.randn(1, 64), cpu.int8_group_rows(weight), torch.ones(9), rows=9)
+
+
 def test_int8_weight_linear_is_the_dequantized_product(native):
     """Rounding x to int16 per token costs under 1e-4 relative against float64 maths."""
     weight, scale = int8_head(50, 1000)

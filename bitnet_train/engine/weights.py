@@ -72,8 +72,8 @@ class Head:
     """The LM head in a chosen storage type; returns float32 logits (N, vocab)."""
 
     dtype: str
-    # fp32 / bf16 / int8: (vocab, hidden); int4: cpu.pack_int4's codes; ternary: cpu.group_rows of the
-    # packed codes
+    # fp32 / bf16: (vocab, hidden); int8: (vocab, hidden) on CUDA, cpu.int8_group_rows of it on the CPU;
+    # int4: cpu.pack_int4's codes; ternary: cpu.group_rows of the packed codes
     weight: torch.Tensor
     scale: torch.Tensor | None = None  # int8, ternary: per row; int4: per 128 values (cpu.pack_int4)
     vocab: int = 0
@@ -107,6 +107,8 @@ class Head:
         # norms (rare tokens) do not lose their precision to the largest row.
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         codes = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        if codes.device.type == "cpu":  # the CPU GEMV's streaming layout; CUDA's kernel reads rows
+            codes = cpu.int8_group_rows(codes)
         return cls(dtype, codes.contiguous(), scale, **shape)
 
     @property
@@ -123,8 +125,8 @@ class Head:
             return cpu.int4_weight_linear(h, self.weight, self.scale, self.vocab)
         if self.dtype == "ternary":
             return cpu.bitlinear(h, self.weight, self.scale, self.hidden, rows=self.vocab)
-        if h.device.type == "cpu":  # float32 activations on the compiled int8-weight GEMV
-            return cpu.int8_weight_linear(h, self.weight, self.scale)
+        if h.device.type == "cpu":  # float32 activations on the compiled int8-weight GEMV, grouped rows
+            return cpu.int8_weight_linear(h, self.weight, self.scale, rows=self.vocab)
         # torch's weight-only int8 matmul (gpt-fast's): bf16 activations, int8 weights scaled per row.
         return torch._weight_int8pack_mm(h.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16)).float()
 
@@ -132,7 +134,12 @@ class Head:
         if torch.device(device).type != "cpu" and self.dtype in CPU_ONLY_HEADS:
             raise ValueError(f"head_dtype {self.dtype} runs on the CPU kernels only; on {device} use one of "
                              f"{', '.join(d for d in HEAD_DTYPES if d not in CPU_ONLY_HEADS)}")
-        return Head(self.dtype, self.weight.to(device), None if self.scale is None else self.scale.to(device),
+        weight = self.weight
+        if self.dtype == "int8" and (weight.device.type == "cpu") != (torch.device(device).type == "cpu"):
+            # The CPU GEMV reads int8_group_rows' layout, torch's CUDA kernel row-major rows.
+            weight = (cpu.int8_ungroup_rows(weight, self.vocab, self.hidden) if weight.device.type == "cpu"
+                      else cpu.int8_group_rows(weight.cpu()))
+        return Head(self.dtype, weight.to(device), None if self.scale is None else self.scale.to(device),
                     self.vocab, self.hidden)
 
 

@@ -30,6 +30,7 @@ _warned = False
 
 ROW_GROUP = 4  # weight rows a GEMV tile reads as one stream (kStreamGroup in kernels/cpu)
 INT4_GROUP = 128  # values per scale of the 4-bit layout (kInt4Group)
+INT8_BLOCK = 16  # values per row and block of the grouped int8 layout (kInt8Block)
 
 
 def _native():
@@ -134,17 +135,35 @@ def group_rows(qweight: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(ext.group_rows(qweight.numpy()))
 
 
-def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, rows: int = 0) -> torch.Tensor:
     """float32 (M, N) ~ x (M, K) @ (weight (N, K) int8 * scale (N,)[:, None])^T: the int8 LM head.
 
     x is rounded to int16 per token (kernels/cpu/int8_weights.h), so the product is exact integer
-    arithmetic and one rescale per output, as reference_int8_weight_linear computes it.
+    arithmetic and one rescale per output, as reference_int8_weight_linear computes it. With rows = N,
+    weight is int8_group_rows' layout.
     """
     x, weight, scale = _cpu(x, "x").float(), _cpu(weight, "weight"), _cpu(scale, "scale").float()
     ext = _native()
     if ext is None:
-        return reference_int8_weight_linear(x, weight, scale)
-    return torch.from_numpy(ext.int8_weight_linear(x.numpy(), weight.numpy(), scale.numpy()))
+        return reference_int8_weight_linear(x, int8_ungroup_rows(weight, rows, x.shape[1]) if rows else weight, scale)
+    return torch.from_numpy(ext.int8_weight_linear(x.numpy(), weight.numpy(), scale.numpy(), rows))
+
+
+def int8_group_rows(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 weight (N, K) in the int8 GEMV's streaming layout (ceil(N/4), 4 * K16), K16 = ceil(K/16) * 16:
+    rows interleaved 4 at a time in blocks of 16 values, zero padded (kernels/cpu/int8_weights.h)."""
+    weight = _cpu(weight, "weight")
+    n, k = weight.shape
+    padded = F.pad(weight, (0, -k % INT8_BLOCK, 0, -n % ROW_GROUP))
+    return padded.view(-1, ROW_GROUP, padded.shape[1] // INT8_BLOCK, INT8_BLOCK).transpose(1, 2).reshape(
+        -1, ROW_GROUP * padded.shape[1]).contiguous()
+
+
+def int8_ungroup_rows(grouped: torch.Tensor, rows: int, in_features: int) -> torch.Tensor:
+    """The row-major int8 weight (rows, in_features) of int8_group_rows' output."""
+    blocks = grouped.shape[1] // (ROW_GROUP * INT8_BLOCK)
+    return grouped.view(-1, blocks, ROW_GROUP, INT8_BLOCK).transpose(1, 2).reshape(-1, blocks * INT8_BLOCK)[
+        :rows, :in_features].contiguous()
 
 
 def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

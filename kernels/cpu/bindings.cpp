@@ -207,12 +207,22 @@ py::array_t<float> bitlinear_forward(const py::handle& x_obj, const py::handle& 
   return out;
 }
 
-py::array_t<float> int8_weight_linear(const py::handle& x_obj, const py::handle& w_obj, const py::handle& scales_obj) {
+// rows > 0: w is int8_group_rows' layout of that many rows, (ceil(rows / 4), 4 * K16).
+py::array_t<float> int8_weight_linear(const py::handle& x_obj, const py::handle& w_obj, const py::handle& scales_obj,
+                                      int64_t rows) {
   const py::array x = require<float>(x_obj, "int8_weight_linear: x", 2);
   const py::array w = require<int8_t>(w_obj, "int8_weight_linear: weight", 2);
   const py::array scales = require<float>(scales_obj, "int8_weight_linear: scales", 1);
-  const int64_t m = x.shape(0), k = x.shape(1), n = w.shape(0);
-  if (w.shape(1) != k) {
+  const int64_t m = x.shape(0), k = x.shape(1), n = rows > 0 ? rows : w.shape(0);
+  if (rows > 0) {
+    const int64_t groups = (rows + bitnet::kInt8Group - 1) / bitnet::kInt8Group;
+    if (w.shape(0) != groups || w.shape(1) != bitnet::kInt8Group * bitnet::int8_group_padded(k)) {
+      throw py::value_error("int8_weight_linear: a grouped weight of " + std::to_string(rows) + " rows of " +
+                            std::to_string(k) + " features must have shape (" + std::to_string(groups) + ", " +
+                            std::to_string(bitnet::kInt8Group * bitnet::int8_group_padded(k)) + "), got " +
+                            str(w.attr("shape")) + " (cpu.int8_group_rows)");
+    }
+  } else if (w.shape(1) != k) {
     throw py::value_error("int8_weight_linear: x has " + std::to_string(k) + " features, weight has " +
                           std::to_string(w.shape(1)) + " columns");
   }
@@ -222,8 +232,16 @@ py::array_t<float> int8_weight_linear(const py::handle& x_obj, const py::handle&
   {
     py::gil_scoped_release nogil;
     bitnet::int8_weight_gemm(s.isa, data<float>(x), m, k, data<int8_t>(w), n, data<float>(scales),
-                             out.mutable_data(), s.threads);
+                             out.mutable_data(), s.threads, rows > 0);
   }
+  return out;
+}
+
+py::array_t<int8_t> int8_group_rows(const py::handle& w_obj) {
+  const py::array w = require<int8_t>(w_obj, "int8_group_rows: weight", 2);
+  const int64_t n = w.shape(0), k = w.shape(1);
+  py::array_t<int8_t> out({(n + bitnet::kInt8Group - 1) / bitnet::kInt8Group, bitnet::kInt8Group * bitnet::int8_group_padded(k)});
+  bitnet::int8_group_rows(data<int8_t>(w), n, k, out.mutable_data());
   return out;
 }
 
@@ -439,7 +457,11 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         "float32 (M, K) -> float32 (M, N): quantize, integer matmul, rescale by qscale (float32 (1,) or (N,)); "
         "with rows = N, qweight is group_rows' layout");
   m.def("int8_weight_linear", &int8_weight_linear, py::arg("x"), py::arg("weight"), py::arg("scales"),
-        "float32 (M, K) x int8 (N, K) with per-row float32 scales (N,) -> float32 (M, N)");
+        py::arg("rows") = 0,
+        "float32 (M, K) x int8 (N, K) with per-row float32 scales (N,) -> float32 (M, N); with rows = N, weight "
+        "is int8_group_rows' layout");
+  m.def("int8_group_rows", &int8_group_rows, py::arg("weight"),
+        "int8 (N, K) -> the grouped layout (ceil(N/4), 4 * K16) of kernels/cpu/int8_weights.h, K16 = ceil(K/16) * 16");
   m.def("int4_weight_linear", &int4_weight_linear, py::arg("x"), py::arg("weight"), py::arg("scales"),
         py::arg("rows"), "float32 (M, K) x 4-bit grouped weight (kernels/cpu/int4_weights.h) -> float32 (M, rows)");
   py::class_<Decoder>(m, "Decoder", "the whole decoder stack of a model, one call per forward step")
