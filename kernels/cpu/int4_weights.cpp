@@ -100,7 +100,7 @@ void int4_weight_gemm(Isa isa, const float* x, int64_t m, int64_t k, const uint8
   const TileFn tile = isa == Isa::kAvx2 ? tile_avx2 : tile_scalar;
   const int64_t tiles = ceil_div(n, kStreamGroup);
   // Tiles per task: a panel of weights small enough to stay in L2 while every activation row uses it.
-  const int64_t panel = panel_rows(tiles, groups * kTileBytes, 1, threads);
+  const int64_t panel = panel_rows(tiles, groups * kTileBytes, 1, threads, m == 1 ? kGemvTaskBytes : kGemmPanelBytes);
   parallel_for(ceil_div(tiles, panel), threads, [&](int64_t task) {
     const int64_t t_end = std::min(tiles, (task + 1) * panel);
     for (int64_t i = 0; i < m; ++i) {

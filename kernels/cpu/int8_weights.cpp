@@ -122,7 +122,8 @@ void int8_weight_gemm(Isa isa, const float* x, int64_t m, int64_t k, const int8_
   // weight vector across 4 activation rows. Grouped, a tile stays inside one group of rows.
   const int tile_rows = m == 1 ? 1 : 4, tile_cols = m == 1 ? 4 : 2;
   static_assert(kInt8Group % 4 == 0, "every tile width (2, 4) must divide the row group");
-  const int64_t panel = panel_rows(n, ldw, grouped ? kInt8Group : tile_cols, threads);
+  const int64_t panel = panel_rows(n, ldw, grouped ? kInt8Group : tile_cols, threads,
+                                   m == 1 ? kGemvTaskBytes : kGemmPanelBytes);
   const auto row = [&](int64_t r) {
     return grouped ? w + (r / kInt8Group) * kInt8Group * ldw + (r % kInt8Group) * kInt8Block : w + r * k;
   };

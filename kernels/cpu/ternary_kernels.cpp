@@ -208,7 +208,8 @@ void run_gemm(Isa isa, const TernaryGemm& g, int threads, Store store) {
   const Strides strides{group == 1 ? ldw : kBlockBytes, group * kBlockBytes};
   const auto row = [&](int64_t r) { return g.w + (r / group) * group * ldw + (r % group) * kBlockBytes; };
   const std::vector<int32_t> sums = row_sums(g.a, g.m, g.k_padded);
-  const int64_t panel = panel_rows(g.n, ldw, std::max<int>(tile.cols, static_cast<int>(group)), threads);
+  const int64_t panel = panel_rows(g.n, ldw, std::max<int>(tile.cols, static_cast<int>(group)), threads,
+                                   g.m == 1 ? kGemvTaskBytes : kGemmPanelBytes);
   const int64_t tasks = ceil_div(g.n, panel);
 
   parallel_for(tasks, threads, [&](int64_t t) {

@@ -94,10 +94,9 @@ void parallel_for(int64_t tasks, int threads, const std::function<void(int64_t)>
   pool->run(tasks, threads, body);
 }
 
-int64_t panel_rows(int64_t n, int64_t row_bytes, int multiple, int threads) {
-  constexpr int64_t kPanelBytes = 128 * 1024;
+int64_t panel_rows(int64_t n, int64_t row_bytes, int multiple, int threads, int64_t panel_bytes) {
   const auto round_up = [](int64_t a, int64_t b) { return ceil_div(a, b) * b; };
-  const int64_t tasks = round_up(std::max<int64_t>(1, ceil_div(n * row_bytes, kPanelBytes)), threads);
+  const int64_t tasks = round_up(std::max<int64_t>(1, ceil_div(n * row_bytes, panel_bytes)), threads);
   return round_up(std::max<int64_t>(1, ceil_div(n, tasks)), multiple);
 }
 
