@@ -59,10 +59,21 @@ def test_rounds_run_every_engine_and_pair_ratios(small):
     prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
     runners = bench.our_runners(engine, embed, ["fp32", "int4"], prompt, 3)
     runners[1].engine = "llama.cpp"  # stands in for the baseline: the pairing is what is tested
-    bench.run_rounds(runners, prompt, 3, rounds=3)
-    assert [len(r.runs) for r in runners] == [3, 3]
-    table = bench.format_table(runners, 1, (10.0, 10.0), 8, 3, (0.0, 0.0, 0.0))
+    bandwidth = bench.run_rounds(runners, prompt, 3, rounds=3, bandwidth=lambda: 10.0)
+    assert [len(r.runs) for r in runners] == [3, 3] and bandwidth == [10.0] * 3
+    table = bench.format_table(runners, 1, bandwidth, 8, 3, (0.0, 0.0, 0.0))
     assert "| fp32 | int4 |" in table and "3 interleaved rounds" in table
+
+
+def test_share_of_read_bandwidth_is_paired_by_round(small):
+    """Each round's decode speed is set against the bandwidth measured right after it, not a mean."""
+    engine, embed = small
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    runner = bench.our_runners(engine, embed, ["fp32"], prompt, 2)[0]
+    runner.runs = [bench.Generation(1.0, 2 / t, None, []) for t in (10.0, 20.0)]  # 10 and 20 tok/s
+    runner.bytes_per_token = 10**9  # 1 GB: 10 and 20 GB/s
+    table = bench.format_table([runner], 1, [10.0, 40.0], 8, 2, (0.0, 0.0, 0.0))
+    assert "| 75 (50-100)% |" in table  # 10/10 and 20/40, not 15 / 25 = 60%
 
 
 @needs_llama

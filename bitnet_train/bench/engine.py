@@ -7,7 +7,8 @@ the kernels' speed does not depend on the code values.
 
 Decode is memory-bound, so beside tokens/s the table gives the bytes each token reads (every
 packed weight plus the head), the bandwidth that implies, and the read bandwidth of this machine
-measured in the same run: the ratio is what to compare across loaded and idle runs. The head is
+measured after every round of the same run: the ratio, paired by round, is what to compare across
+loaded and idle runs. The head is
 timed in each storage type (`head_dtype`), with the logit error and greedy agreement it gives
 against the fp32 head.
 
@@ -289,13 +290,19 @@ def llama_runners(engine: Engine, embed: torch.Tensor, heads: list[str], workdir
 # ---------------------------------------------------------------------- rounds and the report
 
 
-def run_rounds(runners: list[Runner], prompt: torch.Tensor, decode: int, rounds: int) -> None:
-    """One warm-up each, then `rounds` rounds of one generation per runner, the order rotated each round."""
+def run_rounds(runners: list[Runner], prompt: torch.Tensor, decode: int, rounds: int,
+               bandwidth: Callable[[], float] | None = None) -> list[float]:
+    """One warm-up each, then `rounds` rounds of one generation per runner, the order rotated each round;
+    with `bandwidth`, the read bandwidth measured after each round (one value per round)."""
     for r in runners:
         r.generate(prompt, decode)
+    measured = []
     for k in range(rounds):
         for r in runners[k % len(runners):] + runners[:k % len(runners)]:
             r.runs.append(r.generate(prompt, decode))
+        if bandwidth is not None:
+            measured.append(bandwidth())
+    return measured
 
 
 def spread(values: list[float], fmt: str = ".1f") -> str:
@@ -304,15 +311,16 @@ def spread(values: list[float], fmt: str = ".1f") -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
-def format_table(runners: list[Runner], threads: int, bandwidth: tuple[float, float], prompt: int, decode: int,
-                 load: tuple[float, ...]) -> str:
-    gbs = sum(bandwidth) / 2
+def format_table(runners: list[Runner], threads: int, bandwidth: list[float], prompt: int, decode: int,
+                 load: tuple[float, ...], load_after: tuple[float, ...] | None = None) -> str:
+    """bandwidth: the read bandwidth measured after each round; a runner's % of it is paired by round."""
+    after = f", {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f} at the end" if load_after else ""
     lines = [
         f"CPU: {cpu_model()}, {threads} threads, kernels {cpu.backend()}; load average "
-        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min, at the start); read bandwidth measured "
-        f"before / after: {bandwidth[0]:.1f} / {bandwidth[1]:.1f} GB/s.",
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at the start{after}; read bandwidth "
+        f"measured after each round: {spread(bandwidth)} GB/s.",
         f"2B4T shape, random ternary weights; prefill {prompt} tokens, then {decode} greedy decode steps; "
-        f"{len(runners[0].runs)} interleaved rounds: median (min-max).",
+        f"{len(runners[0].runs)} interleaved rounds: median (min-max); % of read BW paired by round.",
         "",
         "| engine | head | prefill tok/s | decode tok/s | head alone (ms/token) | bytes/token (GB) | decode GB/s | "
         "% of read BW | logits rel. error vs fp32 head | greedy steps equal to fp32 head |",
@@ -321,11 +329,12 @@ def format_table(runners: list[Runner], threads: int, bandwidth: tuple[float, fl
     for r in runners:
         tok_s = statistics.median(r.decode_tok_s(decode))
         achieved = r.bytes_per_token * tok_s / 1e9
+        share = [100 * r.bytes_per_token * t / 1e9 / gbs for t, gbs in zip(r.decode_tok_s(decode), bandwidth)]
         ours = r.engine == "ours"
         lines.append(
             f"| {r.engine} | {r.head} | {spread(r.prefill_tok_s(prompt))} | {spread(r.decode_tok_s(decode), '.2f')} | "
             f"{f'{r.head_ms:.1f}' if ours else '-'} | {r.bytes_per_token / 1e9:.3f} | {achieved:.1f} | "
-            f"{100 * achieved / gbs:.0f}% | {f'{r.logits_rel_error:.2e}' if ours else '-'} | "
+            f"{spread(share, '.0f')}% | {f'{r.logits_rel_error:.2e}' if ours else '-'} | "
             f"{f'{100 * r.greedy_agreement:.0f}%' if ours else '-'} |")
     theirs = [r for r in runners if r.engine == "llama.cpp"]
     if theirs:
@@ -366,10 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as workdir:
         if args.baseline:
             runners += llama_runners(engine, embed, llama_heads, Path(workdir), args.prompt, args.decode, args.threads)
-        before = read_gbs()
-        run_rounds(runners, prompt, args.decode, args.rounds)
-        after = read_gbs()
-    print(format_table(runners, args.threads, (before, after), args.prompt, args.decode, load))
+        bandwidth = run_rounds(runners, prompt, args.decode, args.rounds, bandwidth=lambda: read_gbs(reps=3))
+    print(format_table(runners, args.threads, bandwidth, args.prompt, args.decode, load, os.getloadavg()))
 
 
 if __name__ == "__main__":
