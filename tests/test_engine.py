@@ -200,6 +200,17 @@ def test_attention_over_many_cached_positions(engine):
     assert agree_up_to_flipped_roundings(full, layered)
 
 
+def test_rope_tables_hold_the_values_a_step_computes(engine):
+    """The compiled path reads cos/sin from tables grown by doubling, not computed per step: bit for bit
+    what RotaryEmbedding gives for those positions alone, or decode would drift from a full recompute."""
+    cos, sin = engine._rope_tables(300)
+    assert cos.shape[0] >= 300 and engine._rope_tables(10)[0] is cos  # no recompute for fewer positions
+    for start, length in ((0, 1), (1, 1), (77, 5), (299, 1), (0, 48)):
+        step = engine.rotary(torch.arange(start, start + length).view(1, length), torch.float32)
+        assert torch.equal(step[0][0, 0], cos[start:start + length])
+        assert torch.equal(step[1][0, 0], sin[start:start + length])
+
+
 def agree_up_to_flipped_roundings(a: torch.Tensor, b: torch.Tensor) -> bool:
     """The compiled RMSNorm sums in another order than torch's: an ulp apart, which can tip an
     int8 activation rounding and move what follows by about one int8 step (1/127 of the range).

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..engine import Engine
+from ..engine.generate import Sampling, next_token
 from ..engine.weights import ATTENTION, GATE_UP, HEAD_DTYPES, Head, build_weights
 from ..kernels import cpu
 from ..model import BitNetTrainConfig
@@ -121,7 +122,7 @@ def run_ours(engine: Engine, head: Head, prompt: torch.Tensor, decode: int) -> G
     t1 = time.perf_counter()
     first, tokens = logits[0, -1], []
     for _ in range(decode):
-        tokens.append(int(logits[0, -1].argmax()))
+        tokens.append(next_token(logits[0, -1], Sampling(), None))  # greedy, as engine.generate
         logits = engine.forward(torch.tensor([[tokens[-1]]]), cache)
     return Generation(t1 - t0, time.perf_counter() - t1, first, tokens)
 

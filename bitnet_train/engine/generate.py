@@ -23,7 +23,8 @@ class Sampling:
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
     """One token id from the float32 logits (vocab,) of the last position."""
     if sampling.temperature == 0:
-        return int(logits.argmax())
+        # numpy's argmax (first maximum, as torch's) takes ~20 us on a 128k vocabulary, torch's ~200.
+        return int(logits.numpy().argmax()) if logits.device.type == "cpu" else int(logits.argmax())
     logits = logits / sampling.temperature
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]

@@ -117,6 +117,7 @@ class Engine:
         self.act = ACTIVATIONS[c.hidden_act]
         self.rotary = RotaryEmbedding(self.head_dim, c.rope_parameters["rope_theta"]).to(self.device)
         self.native = None
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # _rope_tables
         if self.device.type == "cpu":
             self.native = cpu_door.native_decoder(
                 c.hidden_size, c.intermediate_size, self.n_heads, self.n_kv_heads, self.eps, c.hidden_act,
@@ -150,16 +151,16 @@ class Engine:
                              "fit: allocate a larger one with new_cache")
         small = self.device.type == "cpu" and B * T <= SMALL_STEP_TOKENS
         with torch_threads(1 if small else torch.get_num_threads()):
-            positions = torch.arange(past, past + T, device=self.device).expand(B, T)
-            rope = self.rotary(positions, torch.float32)
             x = self.weights.embed[ids]
             if self.native is not None and cpu_door.backend() != "torch":
                 # The compiled stack writes every layer's keys and values into a cache: a step
                 # without one gets a scratch cache of its own length.
                 scratch = cache if cache is not None else self.new_cache(B, T)
-                cos, sin = (t[0, 0].contiguous().numpy() for t in rope)
+                cos, sin = (t[past:past + T].numpy() for t in self._rope_tables(past + T))
                 self.native.forward(x.numpy(), cos, sin, scratch.k.numpy(), scratch.v.numpy(), past)
             else:
+                positions = torch.arange(past, past + T, device=self.device).expand(B, T)
+                rope = self.rotary(positions, torch.float32)
                 for i, layer in enumerate(self.weights.layers):
                     x = self._layer(i, layer, x, rope, cache)
             if cache is not None:
@@ -171,6 +172,16 @@ class Engine:
         return self.weights.head(h.reshape(-1, h.shape[-1])).view(B, h.shape[1], -1)
 
     __call__ = forward
+
+    def _rope_tables(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (positions, head_dim) of positions 0 .. end - 1 at least, computed once and grown by
+        doubling: the rotary embedding is elementwise in the position, so a table's row is bit for bit
+        the value a step computes alone (a test holds it), and a decode step skips ~10 torch ops."""
+        if self._rope is None or self._rope[0].shape[0] < end:
+            n = max(end, 256, 2 * (self._rope[0].shape[0] if self._rope is not None else 0))
+            cos, sin = self.rotary(torch.arange(n, device=self.device).view(1, n), torch.float32)
+            self._rope = (cos[0, 0].contiguous(), sin[0, 0].contiguous())
+        return self._rope
 
     def _layer(self, i: int, layer: LayerWeights, x, rope, cache: KVCache | None) -> torch.Tensor:
         x = x + self._attention(i, layer, rms_norm(x, layer.input_norm, self.eps), rope, cache)
