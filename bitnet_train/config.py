@@ -89,6 +89,12 @@ class ModelConfig:
     quantize: bool = True
     gradient_checkpointing: bool = False
     bitlinear_kernel: BitLinearKernel = BitLinearKernel.torch
+    # Pretraining's and SFT's loss through the LM head N tokens at a time (kernels/chunked_ce.py):
+    # the logits (tokens x vocab, fp32) are never held in full. The same loss and gradients up to
+    # float rounding, so 0 (the full logits) keeps every earlier run's numbers bit for bit. A chunk
+    # holds N x vocab fp32 logits: 256 x 4096 is 4 MiB, 1024 x 128k (2B4T) 512 MiB.
+    # Conversion (distillation) and DPO need the full logits and ignore it.
+    loss_chunk_tokens: int = 0
 
 
 @dataclass

@@ -21,6 +21,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .kernels.chunked_ce import next_token_loss_sum as chunked_next_token_loss_sum
+from .losses import next_token_loss_sum
 from .quant import BitLinear
 
 
@@ -219,6 +221,10 @@ class BitNetTrainForCausalLM(BitNetTrainPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = BitNetTrainModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Tokens per chunk of the summed training loss's head (kernels/chunked_ce.py), which then
+        # never holds the full logits; 0: the full logits. How to train, not what the model is:
+        # set by the pipeline (model.loss_chunk_tokens), not saved with the weights.
+        self.loss_chunk_tokens = 0
         self.post_init()
 
     def forward(
@@ -233,8 +239,14 @@ class BitNetTrainForCausalLM(BitNetTrainPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
         cache_position: torch.LongTensor | None = None,
+        loss_reduction: str = "mean",
     ) -> CausalLMOutputWithPast:
         """No **kwargs: an argument this model does not know fails here instead of being dropped.
+
+        With labels, `loss` is transformers' mean next-token loss, or with loss_reduction="sum" the
+        sum that training uses (losses.py). That sum is computed here, inside the forward, because
+        a sharded model (FSDP2) holds the head's full weight only while its forward runs; with
+        loss_chunk_tokens set it comes from the hidden states a chunk at a time and `logits` is None.
 
         transformers renamed the KV cache `past_key_values` -> `cache` (5.2x); both are accepted.
         `return_dict` and older generate()'s `cache_position` change nothing: the output is always
@@ -243,12 +255,19 @@ class BitNetTrainForCausalLM(BitNetTrainPreTrainedModel, GenerationMixin):
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise TypeError("pass the KV cache once, as `cache` (or the older `past_key_values`), not both")
         cache = cache if cache is not None else past_key_values
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction={loss_reduction!r}; use 'mean' or 'sum'")
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         h = self.model(input_ids, attention_mask, position_ids, cache)
+        if labels is not None and loss_reduction == "sum" and self.loss_chunk_tokens:
+            loss, _ = chunked_next_token_loss_sum(h, self.lm_head.weight, labels, self.loss_chunk_tokens)
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{OUTPUT_CACHE_FIELD: cache})
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None
-        if labels is not None:  # transformers' convention: mean next-token loss
+        if labels is not None and loss_reduction == "sum":
+            loss, _ = next_token_loss_sum(logits, labels)
+        elif labels is not None:  # transformers' convention: mean next-token loss
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )

@@ -25,6 +25,7 @@ def model_config(cfg: ModelConfig, vocab_size: int, **special_token_ids) -> BitN
     rope_theta = fields.pop("rope_theta")
     fields.pop("gradient_checkpointing")  # how to train, not what the model is
     fields.pop("bitlinear_kernel")  # likewise (pipeline.py sets it on the built model)
+    fields.pop("loss_chunk_tokens")  # likewise
     return BitNetTrainConfig(
         vocab_size=vocab_size,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 
 from .checkpoint import CheckpointError, verify_manifest
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, require
 from .data.chat import check_wrong_reply_fraction
 from .data.preflight import check_stage_data
 from .data.tokenizer import load_tokenizer
@@ -41,6 +41,8 @@ def validate_run(cfg: RunConfig) -> None:
     (a bad SFT file must not wait for pretraining to finish to be named)."""
     if cfg.model.bitlinear_kernel == "triton" and (reason := triton_unavailable_reason()):
         raise ConfigError(f"model.bitlinear_kernel=triton: {reason}")
+    require(cfg.model.loss_chunk_tokens >= 0, "model", "loss_chunk_tokens", cfg.model.loss_chunk_tokens,
+            "must be >= 0 (0: the loss from the full logits)")
     for i, name in enumerate(cfg.pipeline):
         if name in AFTER_TRAINING:
             if any(later in cfg.stages for later in cfg.pipeline[i:]):
@@ -143,6 +145,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Path]:
             init = stage_cfg.init_from or previous
             model = load_checkpoint_model(init, cfg.model.quantize) if init else build_model(cfg.model, tokenizer)
             set_bitlinear_kernel(model, str(cfg.model.bitlinear_kernel))
+            model.loss_chunk_tokens = cfg.model.loss_chunk_tokens
             stage = build_stage(stage_cfg.kind, stage_cfg, tokenizer, cfg.seed, model.config.max_position_embeddings)
             ctx = RunContext(
                 stage_dir=stage_dir,

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 
 from bitnet_train.config import compose_config
 from bitnet_train.data.tokenizer import builtin_tokenizer
-from bitnet_train.losses import IGNORE
+from bitnet_train.losses import IGNORE, next_token_loss_sum
 from bitnet_train.model_factory import build_model
 from bitnet_train.stages.sft import SFTStage
 from bitnet_train.trainer import RunContext, train
@@ -26,14 +26,16 @@ def sft_config(*overrides):
 
 
 class UniformLM(torch.nn.Module):
-    """Logits = one bias vector at every position: its gradient can be written down by hand."""
+    """Logits = one bias vector at every position: its gradient can be written down by hand. The
+    stage asks the model for the summed loss (model.py's forward), computed as ours does."""
 
     def __init__(self, vocab: int):
         super().__init__()
         self.bias = torch.nn.Parameter(torch.zeros(vocab))
 
-    def forward(self, ids):
-        return SimpleNamespace(logits=self.bias.expand(*ids.shape, -1))
+    def forward(self, ids, labels, loss_reduction):
+        assert loss_reduction == "sum"
+        return SimpleNamespace(loss=next_token_loss_sum(self.bias.expand(*ids.shape, -1), labels)[0])
 
 
 class Captured(Exception):

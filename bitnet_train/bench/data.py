@@ -1,6 +1,7 @@
 """Benchmark (not a test): pretraining data at corpus scale.
 
     bitnet-train bench data [--sizes-mb 10,100,1000] [--throughput-mb 20] [--rounds 3] [--dir DIR]
+                            [--loss-chunk-tokens 0,1024]
 
 The benchmark writes a synthetic .jsonl corpus itself: 10 MB parts of documents of about 2 KB
 cut from the built-in text at random places, so the tokenizer sees real prose.
@@ -18,6 +19,8 @@ Memory and start-up (each --sizes-mb corpus, the tiny model, fresh processes):
      to the end of its first optimizer step (imports and model set-up included);
   3. in this process, the seconds that building the pretraining stage takes with the cache in
      place: the data's share of that start-up.
+Each --loss-chunk-tokens value (model.loss_chunk_tokens; 0: the loss from the full logits) gets
+its own reusing run, one after the other; the building run takes the first.
 Then the fixed part of every start-up: a fresh process that only imports what a training run
 imports (as the command line does, torch and transformers outside the garbage collector), its
 seconds from start to exit and its peak RSS, the median of --rounds.
@@ -78,9 +81,9 @@ def peak_rss_mb(pid: int) -> float:
     return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
 
 
-def train_once(files: list[Path], cache: Path, out: Path, steps: int, threads: int) -> dict:
+def train_once(files: list[Path], cache: Path, out: Path, steps: int, threads: int, loss_chunk_tokens: int) -> dict:
     """One training run in a fresh process: its peak RSS and the seconds to its first step."""
-    args = [*MODEL, "logging=off", "logging.progress_bar=false", "logging.plot=false", "logging.log_every=1",
+    args = [*MODEL, f"model.loss_chunk_tokens={loss_chunk_tokens}", "logging=off", "logging.progress_bar=false", "logging.plot=false", "logging.log_every=1",
             "stages.pretrain.data.source=files", f"stages.pretrain.data.files=[{','.join(map(str, files))}]",
             f"stages.pretrain.data.cache_dir={cache}", "stages.pretrain.data.seq_len=256",
             f"stages.pretrain.max_steps={steps}", f"stages.pretrain.eval_every={steps}",
@@ -168,9 +171,11 @@ def main(argv=None) -> None:
     p.add_argument("--dir", default="/tmp/bitnet_bench_data")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--loss-chunk-tokens", default="0")
     args = p.parse_args(argv)
     root = Path(args.dir)
     sizes = [int(s) for s in args.sizes_mb.split(",") if s]
+    chunks = [int(c) for c in args.loss_chunk_tokens.split(",") if c]
     parts = write_parts(root / "corpus", max(1, max([*sizes, args.throughput_mb]) // PART_MB))
     logging.getLogger("bitnet_train.data.token_cache").setLevel(logging.WARNING)
 
@@ -185,21 +190,23 @@ def main(argv=None) -> None:
     print(f"| cache / ceiling | | {ceil_wall / cache_wall:.0%} | {ceil_cpu / cache_cpu:.0%} |", flush=True)
 
     print(f"\ntraining runs: tiny model (hidden 64, 2 layers), seq 256, {args.steps} steps, {args.threads} threads")
-    print("| corpus | cached tokens | build tokens/s | peak RSS, building run | peak RSS, reusing run "
+    print("| corpus | cached tokens | build tokens/s | peak RSS, building run | loss chunk tokens | peak RSS, reusing run "
           "| first step, reusing run | of which the data stage | load average |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for size in sizes:
         files = parts[: max(1, size // PART_MB)]
         cache = root / f"cache_{size}mb"
         shutil.rmtree(cache, ignore_errors=True)
-        build = train_once(files, cache, root / f"run_{size}mb_build", args.steps, args.threads)
+        build = train_once(files, cache, root / f"run_{size}mb_build", args.steps, args.threads, chunks[0])
         index = json.loads(next(cache.glob("*/index.json")).read_text())
-        reuse = train_once(files, cache, root / f"run_{size}mb_reuse", args.steps, args.threads)
         tokens = sum(s["tokens"] for s in index["splits"].values())
-        data_s = stage_seconds(files, cache)
-        print(f"| {size} MB | {tokens / 1e6:.1f} M | {index['tokens_per_second']:,.0f} | {build['peak_rss_mb']:.0f} MB "
-              f"| {reuse['peak_rss_mb']:.0f} MB | {reuse['first_step_s']:.1f} s | {data_s:.2f} s | {os.getloadavg()[0]:.1f} |",
-              flush=True)
+        built = f"| {size} MB | {tokens / 1e6:.1f} M | {index['tokens_per_second']:,.0f} | {build['peak_rss_mb']:.0f} MB "
+        for chunk in chunks:
+            reuse = train_once(files, cache, root / f"run_{size}mb_reuse", args.steps, args.threads, chunk)
+            data_s = stage_seconds(files, cache)
+            print(f"{built}| {chunk or 'off'} | {reuse['peak_rss_mb']:.0f} MB | {reuse['first_step_s']:.1f} s "
+                  f"| {data_s:.2f} s | {os.getloadavg()[0]:.1f} |", flush=True)
+            built = "| | | | "  # the building run's columns once per corpus
     runs = [imports_once() for _ in range(args.rounds)]
     print(f"\nimports alone (a fresh process, median of {args.rounds}): "
           f"{statistics.median(r['seconds'] for r in runs):.1f} s, "

@@ -21,17 +21,21 @@ DEFAULT_CHUNK_ELEMENTS = 2**28  # logits per chunk: 1 GiB in float32
 
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_tokens: int, dtype: torch.dtype):
+    def forward(ctx, h, weight, targets, chunk_tokens: int, dtype: torch.dtype, grads: bool):
         w = weight.to(dtype)
-        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if grads else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grads else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_tokens):
             h_c, t_c = h[start:start + chunk_tokens].to(dtype), targets[start:start + chunk_tokens]
-            logits = (h_c @ w.t()).float()
-            loss += F.cross_entropy(logits, t_c, ignore_index=IGNORE, reduction="sum")
+            # F.cross_entropy is exactly nll_loss(log_softmax); keeping the log-softmax lets its
+            # exp become the gradient in place: two chunk-sized buffers at a time, not three.
+            logp = torch.log_softmax((h_c @ w.t()).float(), dim=-1)
+            loss += F.nll_loss(logp, t_c, ignore_index=IGNORE, reduction="sum")
+            if not grads:
+                continue
             # d(sum of losses)/d(logits) = softmax - one_hot(target), zero for ignored tokens
-            d_logits = torch.softmax(logits, dim=-1)
+            d_logits = logp.exp_()
             valid = t_c != IGNORE
             rows = torch.arange(t_c.shape[0], device=h.device)
             d_logits[rows, t_c.clamp(min=0)] -= 1.0
@@ -39,13 +43,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             d_logits = d_logits.to(dtype)
             grad_h[start:start + chunk_tokens] = (d_logits @ w).to(h.dtype)
             grad_w += (d_logits.t() @ h_c).float()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        if grads:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None
 
 
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -57,8 +62,10 @@ def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: tor
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     chunk = chunk_tokens or max(1, DEFAULT_CHUNK_ELEMENTS // weight.shape[0])
+    # Validation runs under no_grad: the loss alone, not the gradients a backward would need.
+    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropySum.apply(h, weight, targets, chunk, dtype)
+        return _LinearCrossEntropySum.apply(h, weight, targets, chunk, dtype, grads)
 
 
 def next_token_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

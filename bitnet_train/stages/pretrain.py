@@ -16,7 +16,6 @@ from ..data.stream import BatchStream
 from ..data.token_blocks import TokenBlocks
 from ..data.token_cache import SPLITS, TokenCache, batch_encoder, cache_root, open_token_cache
 from ..data.token_stream import FramedStream, StreamedBatches
-from ..losses import next_token_loss_sum
 from .base import LossOutput
 
 
@@ -54,8 +53,7 @@ class PretrainStage:
 
     def loss(self, model, batch: dict) -> LossOutput:
         ids = batch["input_ids"].to(next(model.parameters()).device)
-        loss_sum, n = next_token_loss_sum(model(ids).logits, ids)
-        return LossOutput(loss_sum, n)
+        return LossOutput(model(ids, labels=ids, loss_reduction="sum").loss, self.units(batch))
 
 
 def train_stream(data: DataConfig, tokenizer) -> FramedStream:

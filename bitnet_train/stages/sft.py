@@ -23,7 +23,7 @@ import torch
 from ..config import StageConfig
 from ..data.chat import chat_splits, collate, encode_conversations, require_assistant_mask
 from ..data.sources import require_seq_len_fits
-from ..losses import IGNORE, next_token_loss_sum
+from ..losses import IGNORE
 from .base import LossOutput
 
 
@@ -51,5 +51,4 @@ class SFTStage:
     def loss(self, model, batch: dict) -> LossOutput:
         device = next(model.parameters()).device
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        loss_sum, n = next_token_loss_sum(model(ids).logits, labels)
-        return LossOutput(loss_sum, n)
+        return LossOutput(model(ids, labels=labels, loss_reduction="sum").loss, self.units(batch))
