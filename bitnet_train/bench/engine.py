@@ -42,7 +42,7 @@ from ..engine.weights import ATTENTION, GATE_UP, HEAD_DTYPES, Head, build_weight
 from ..kernels import cpu
 from ..model import BitNetTrainConfig
 from ..ternary_layout import packed_row_bytes
-from .kernels import cpu_model
+from .kernels import cpu_model, median_us
 
 SHAPE_2B4T = dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
                   num_key_value_heads=5, vocab_size=128256, max_position_embeddings=4096,
@@ -89,13 +89,9 @@ def read_gbs(nbytes: int = 1 << 30, reps: int = 7) -> float:
     their weights (cpu.stream_read_gbs). Medians of `reps`."""
     buf = torch.ones(nbytes // 4)
     buf.sum()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t0)
+    torch_gbs = nbytes / median_us(buf.sum, reps) / 1e3
     del buf
-    return max(nbytes / statistics.median(times) / 1e9, cpu.stream_read_gbs(nbytes, reps))
+    return max(torch_gbs, cpu.stream_read_gbs(nbytes, reps))
 
 
 def layer_bytes(engine: Engine) -> int:

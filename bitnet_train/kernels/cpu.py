@@ -9,6 +9,7 @@ Shapes: x (M, K) float; a (M, Kpad) int8 with Kpad = ceil(K / 128) * 128 (zero p
 qweight (N, Kpad / 4) uint8 in the docs/formats.md layout; qscale the weight multiplier s_w
 (W_q = t / s_w), a float, a one-element tensor or one per output row (N,).
 """
+import math
 import statistics
 import time
 import warnings
@@ -220,9 +221,7 @@ def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
 
 def huge_page_zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """torch.zeros(shape, dtype) on the CPU, on 2 MB pages where the kernel grants them (as on_huge_pages)."""
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     ext = _native()
     if ext is None or numel == 0:
         return torch.zeros(shape, dtype=dtype)
