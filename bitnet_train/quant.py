@@ -63,6 +63,62 @@ def straight_through(x: torch.Tensor, xq: torch.Tensor, strength: float = 1.0) -
     return x + strength * (xq - x).detach()
 
 
+def fake_quant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      strength: float = 1.0) -> torch.Tensor:
+    """The reference BitLinear: fake-quantized weight and input through straight_through, then a
+    Linear. Autograd saves both fake-quantized operands for the backward, a full copy of the
+    weight and of the input in the compute dtype; at λ = 1 `ternary_linear` computes the same
+    without them. The warm-up's blend (λ < 1) needs the latent input, so it runs this."""
+    w = straight_through(weight, quantize_weight(weight), strength)
+    x = straight_through(x, quantize_activation(x), strength)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class TernaryLinear(torch.autograd.Function):
+    """fake_quant_linear at λ = 1, saving for the backward only the input's int8 codes and scales
+    and a reference to the latent weight: 1 byte per input element instead of 4 (fp32) or 2
+    (bf16), and no per-layer copy of the weight, which FSDP would otherwise keep unsharded until
+    the backward. The backward rebuilds the operands the forward multiplied, bit for bit:
+    x + (x_q - x) is exactly x_q (x_q is within a factor of two of x, or 0, so the difference is
+    exact: Sterbenz), and the weight's is recomputed by the same code. Under autocast the product
+    runs in the autocast dtype, as in the reference, and the gradients are cast back the same way.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        codes, scale = quantize_int8(x)
+        x_q = (codes / scale).to(x.dtype)
+        out = F.linear(x_q, ternary_weight(weight).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(codes.to(torch.int8), scale, weight)
+        ctx.dtypes = x.dtype, out.dtype, None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, scale, weight = ctx.saved_tensors
+        x_dtype, compute, bias_dtype = ctx.dtypes
+        grad = grad.to(compute)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ ternary_weight(weight).to(x_dtype).to(compute)).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            x_q = (codes.float() / scale).to(x_dtype).to(compute)
+            grad_w = (grad.flatten(0, -2).t() @ x_q.flatten(0, -2)).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.flatten(0, -2).sum(0).to(bias_dtype)
+        return grad_x, grad_w, grad_b
+
+
+def ternary_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight operand of BitLinear's product at λ = 1: the value straight_through gives."""
+    with torch.no_grad():
+        return straight_through(weight, quantize_weight(weight))
+
+
+def ternary_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return TernaryLinear.apply(x, weight, bias)
+
+
 class BitLinear(nn.Linear):
     """A Linear whose weights are ternary and inputs int8 in the forward pass.
 
@@ -72,7 +128,8 @@ class BitLinear(nn.Linear):
     `quantize=False` gives the full-precision baseline with the same parameters. A bias (Qwen2's
     q/k/v) is added in full precision after the ternary product, as llama.cpp and transformers do.
     `strength` is the warm-up's λ (set_quant_strength); 1 outside a conversion.
-    `fused` is set_bitlinear_kernel's fused forward (same maths); None runs the code below.
+    At λ = 1 it runs `fused`, set_bitlinear_kernel's Triton forward, or else ternary_linear
+    (the same maths, and both save only int8 codes for the backward).
     """
 
     fused = None
@@ -85,11 +142,9 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize:
             return F.linear(x, self.weight, self.bias)
-        if self.fused is not None and self.strength == 1.0:  # the warm-up's blend has no fused path
-            return self.fused(x, self.weight, self.bias)
-        w = straight_through(self.weight, quantize_weight(self.weight), self.strength)
-        x = straight_through(x, quantize_activation(x), self.strength)
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.strength != 1.0:  # the warm-up's blend needs the latent input saved
+            return fake_quant_linear(x, self.weight, self.bias, self.strength)
+        return (self.fused or ternary_linear)(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quantize={self.quantize}"

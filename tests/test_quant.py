@@ -1,13 +1,16 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
 from bitnet_train.quant import (
     BitLinear,
+    fake_quant_linear,
     quantize_activation,
     quantize_int8,
     quantize_weight,
     straight_through,
     ternarize,
+    ternary_linear,
     weight_scale,
 )
 
@@ -74,3 +77,63 @@ def test_bitlinear_full_precision_switch():
     layer = BitLinear(32, 16, quantize=False)
     x = torch.randn(4, 32)
     assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+def ternary_and_reference(shape, bias: bool, autocast: bool, seed: int = 0):
+    """Outputs and gradients of ternary_linear and of the fake-quant reference on one input."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(*shape, generator=gen) * torch.logspace(-3, 3, shape[-2])[:, None]
+    x0[..., 0] *= 50  # one outlier per token sets its scale
+    w0 = torch.randn(24, shape[-1], generator=gen) * 0.02
+    w0[0, 0] = 5.0  # clamped to code 1: its straight-through value is not exactly code / s
+    b0 = torch.randn(24, generator=gen) if bias else None
+    results = []
+    for linear in (fake_quant_linear, ternary_linear):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = None if b0 is None else b0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = linear(x, w, b)
+        (y.float() * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        results.append([y, x.grad, w.grad] + ([b.grad] if bias else []))
+    return results
+
+
+@pytest.mark.parametrize("shape", [(4, 32), (3, 17, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_ternary_linear_is_the_reference_bit_for_bit(shape, bias, autocast):
+    reference, lean = ternary_and_reference(shape, bias, autocast)
+    for want, got in zip(reference, lean):
+        assert got.dtype == want.dtype
+        assert torch.equal(got, want)
+
+
+def test_ternary_linear_saves_int8_codes_and_the_latent_weight_only():
+    layer = BitLinear(64, 48)
+    x = torch.randn(8, 16, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert [t.dtype for t in big] == [torch.int8]  # the input's codes, not a float copy
+    weights = [t for t in saved if t.shape == layer.weight.shape]
+    assert len(weights) == 1 and weights[0].data_ptr() == layer.weight.data_ptr()  # no copy
+    assert sum(t.numel() * t.element_size() for t in saved if t.data_ptr() != layer.weight.data_ptr()) \
+        < x.numel() * 1.1  # about 1 byte per input element
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_straight_through_input_is_exactly_its_quantized_value(dtype):
+    # TernaryLinear saves only the codes because x + (x_q - x) == x_q: x_q is 0 or within a
+    # factor of two of x, so x_q - x is exact (Sterbenz) and so is the sum.
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4096, 256, generator=gen) * torch.logspace(-6, 6, 4096)[:, None]).to(dtype)
+    x_q = quantize_activation(x)
+    assert torch.equal(straight_through(x, x_q), x_q)
+
+
+def test_bitlinear_runs_the_reference_during_the_warmup():
+    layer = BitLinear(32, 16)
+    layer.strength = 0.5
+    x = torch.randn(4, 32)
+    assert torch.equal(layer(x), fake_quant_linear(x, layer.weight, None, 0.5))
