@@ -76,6 +76,16 @@ def test_share_of_read_bandwidth_is_paired_by_round(small):
     assert "| 75 (50-100)% |" in table  # 10/10 and 20/40, not 15 / 25 = 60%
 
 
+def test_read_bandwidth_probes_give_a_rate():
+    """bench engine's reference bandwidth: torch's read, and the compiled kernels' streamed read (timed
+    here, in the benchmark layer) where the extension is built."""
+    from bitnet_train.bench.kernels import stream_read_gbs
+    from bitnet_train.kernels import cpu
+
+    assert bench.read_gbs(1 << 24, reps=2) > 0
+    assert (stream_read_gbs(1 << 24, reps=2) > 0) == (cpu.backend() != "torch")
+
+
 @needs_llama
 def test_llama_cpp_runs_the_same_model_with_both_heads(small, tmp_path):
     engine, embed = small

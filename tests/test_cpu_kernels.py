@@ -482,4 +482,3 @@ def test_stream_xor_reads_every_word(needs_ext):
     assert cpu._ext.stream_xor(data) == np.bitwise_xor.reduce(data.view(np.uint64))
     data[-1] ^= 0x80  # the last 32-byte step counts too
     assert cpu._ext.stream_xor(data) == np.bitwise_xor.reduce(data.view(np.uint64))
-    assert cpu.stream_read_gbs(1 << 24, reps=2) > 0

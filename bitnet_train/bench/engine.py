@@ -42,7 +42,7 @@ from ..engine.weights import ATTENTION, GATE_UP, HEAD_DTYPES, Head, build_weight
 from ..kernels import cpu
 from ..model import BitNetTrainConfig
 from ..ternary_layout import packed_row_bytes
-from .kernels import cpu_model, median_us
+from .kernels import cpu_model, median_us, stream_read_gbs
 
 SHAPE_2B4T = dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
                   num_key_value_heads=5, vocab_size=128256, max_position_embeddings=4096,
@@ -86,12 +86,12 @@ def random_2b4t(head_dtype: str = "fp32", seed: int = 0, **overrides) -> tuple[E
 def read_gbs(nbytes: int = 1 << 30, reps: int = 7) -> float:
     """This machine's read bandwidth now, GB/s: the faster of torch summing a buffer far beyond L3 and
     (with the compiled kernels) our own read of a buffer on huge pages, streamed as the GEMVs stream
-    their weights (cpu.stream_read_gbs). Medians of `reps`."""
+    their weights (bench.kernels.stream_read_gbs). Medians of `reps`."""
     buf = torch.ones(nbytes // 4)
     buf.sum()
     torch_gbs = nbytes / median_us(buf.sum, reps) / 1e3
     del buf
-    return max(torch_gbs, cpu.stream_read_gbs(nbytes, reps))
+    return max(torch_gbs, stream_read_gbs(nbytes, reps))
 
 
 def layer_bytes(engine: Engine) -> int:

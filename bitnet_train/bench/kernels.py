@@ -143,6 +143,17 @@ def read_gbs(nbytes: int, threads: int, reps: int) -> float:
         return nbytes / median_us(lambda: list(pool.map(np.max, slices)), reps) / 1e3
 
 
+def stream_read_gbs(nbytes: int, reps: int) -> float:
+    """The compiled kernels' own read of `nbytes` on huge pages, streamed the way a decode step streams
+    weights (all threads, software prefetch, one AVX2 op per 32 bytes); 0 without the extension."""
+    if _cpu_kernels is None:
+        return 0.0
+    buf = cpu.huge_page_zeros(nbytes // 32 * 32, dtype=torch.uint8).numpy()
+    buf[:] = 1
+    _cpu_kernels.stream_xor(buf)
+    return buf.size / median_us(lambda: _cpu_kernels.stream_xor(buf), reps) / 1e3
+
+
 def rotation(make, nbytes_each: int, stream_bytes: int):
     """An endless cycle over enough distinct copies that each pass streams `stream_bytes`."""
     return itertools.cycle([make() for _ in range(max(2, -(-stream_bytes // nbytes_each)))])

@@ -10,8 +10,6 @@ qweight (N, Kpad / 4) uint8 in the docs/formats.md layout; qscale the weight mul
 (W_q = t / s_w), a float, a one-element tensor or one per output row (N,).
 """
 import math
-import statistics
-import time
 import warnings
 
 import torch
@@ -226,24 +224,6 @@ def huge_page_zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Te
     if ext is None or numel == 0:
         return torch.zeros(shape, dtype=dtype)
     return torch.from_numpy(ext.huge_page_buffer(numel * dtype.itemsize)).view(dtype).view(shape)
-
-
-def stream_read_gbs(nbytes: int = 1 << 30, reps: int = 7) -> float:
-    """The read bandwidth, GB/s, of the compiled kernels streaming `nbytes` on huge pages the way a decode
-    step streams weights (all threads, software prefetch, one AVX2 op per 32 bytes): median of `reps`.
-    0 without the extension."""
-    ext = _native()
-    if ext is None:
-        return 0.0
-    buf = ext.huge_page_buffer(nbytes // 32 * 32)
-    buf[:] = 1
-    ext.stream_xor(buf)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        ext.stream_xor(buf)
-        times.append(time.perf_counter() - t0)
-    return buf.size / statistics.median(times) / 1e9
 
 
 def native_decoder(hidden: int, intermediate: int, heads: int, kv_heads: int, eps: float, activation: str,
