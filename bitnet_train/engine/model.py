@@ -13,9 +13,9 @@ The kernels come from one narrow door, chosen by device: bitnet_train.kernels.cu
 bitnet_train.kernels.cpu otherwise (compiled AVX2 / scalar, or its pure-torch fallback). The two
 doors have the same functions, so the layers below never ask which one runs.
 
-On the CPU with the compiled kernels, the same layers run as one call per forward step
-(kernels/cpu/decoder.h): at batch 1 each of the ~40 torch ops of a layer costs about as much as
-the GEMV beside it, and decode is meant to be bound by reading the weights. The torch layers
+On the CPU with the compiled kernels, the same layers and the final norm run as one call per
+forward step (kernels/cpu/decoder.h): at batch 1 each of the ~40 torch ops of a layer costs about as
+much as the GEMV beside it, and decode is meant to be bound by reading the weights. The torch layers
 stay the GPU path, the fallback, and what tests hold the compiled stack to.
 """
 from contextlib import contextmanager
@@ -123,7 +123,7 @@ class Engine:
                 c.hidden_size, c.intermediate_size, self.n_heads, self.n_kv_heads, self.eps, c.hidden_act,
                 [(l.input_norm, l.qkv.qweight, l.qkv.row_scale, l.qkv.bias, l.attn_sub_norm, l.o.qweight,
                   l.o.row_scale, l.post_norm, l.gate_up.qweight, l.gate_up.row_scale, l.ffn_sub_norm,
-                  l.down.qweight, l.down.row_scale) for l in self.weights.layers])
+                  l.down.qweight, l.down.row_scale) for l in self.weights.layers], self.weights.norm)
 
     @classmethod
     def from_export(cls, directory: str | Path, head_dtype: str = "fp32", device=None) -> "Engine":
@@ -151,23 +151,23 @@ class Engine:
                              "fit: allocate a larger one with new_cache")
         small = self.device.type == "cpu" and B * T <= SMALL_STEP_TOKENS
         with torch_threads(1 if small else torch.get_num_threads()):
-            x = self.weights.embed[ids]
+            h = self.weights.embed[ids]
             if self.native is not None and cpu_door.backend() != "torch":
                 # The compiled stack writes every layer's keys and values into a cache: a step
-                # without one gets a scratch cache of its own length.
+                # without one gets a scratch cache of its own length. It ends with the final norm.
                 scratch = cache if cache is not None else self.new_cache(B, T)
                 cos, sin = (t[past:past + T].numpy() for t in self._rope_tables(past + T))
-                self.native.forward(x.numpy(), cos, sin, scratch.k.numpy(), scratch.v.numpy(), past)
+                self.native.forward(h.numpy(), cos, sin, scratch.k.numpy(), scratch.v.numpy(), past)
             else:
                 positions = torch.arange(past, past + T, device=self.device).expand(B, T)
                 rope = self.rotary(positions, torch.float32)
                 for i, layer in enumerate(self.weights.layers):
-                    x = self._layer(i, layer, x, rope, cache)
+                    h = self._layer(i, layer, h, rope, cache)
+                h = rms_norm(h, self.weights.norm, self.eps)
             if cache is not None:
                 cache.length = past + T
             if logits_to_keep:
-                x = x[:, -logits_to_keep:]
-            h = rms_norm(x, self.weights.norm, self.eps)
+                h = h[:, -logits_to_keep:]
         # The head is the one large product of a decode step: it keeps all of torch's threads.
         return self.weights.head(h.reshape(-1, h.shape[-1])).view(B, h.shape[1], -1)
 

@@ -227,9 +227,10 @@ def huge_page_zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Te
 
 
 def native_decoder(hidden: int, intermediate: int, heads: int, kv_heads: int, eps: float, activation: str,
-                   layers: list[tuple[torch.Tensor | None, ...]]):
-    """The compiled decoder stack (kernels/cpu/decoder.h): every layer of a forward step in one call,
-    or None where the extension is missing (then the engine runs its layers op by op in torch).
+                   layers: list[tuple[torch.Tensor | None, ...]], final_norm: torch.Tensor):
+    """The compiled decoder stack (kernels/cpu/decoder.h): every layer of a forward step and the final
+    RMSNorm (weight `final_norm`) in one call, or None where the extension is missing (then the engine
+    runs its layers op by op in torch).
 
     activation: model.py's hidden_act, relu2 or silu. layers: per layer (input_norm, qkv qweight, qkv
     row scales, qkv bias, attn_sub_norm, o qweight, o row scales, post_norm, gate_up qweight, gate_up
@@ -240,7 +241,8 @@ def native_decoder(hidden: int, intermediate: int, heads: int, kv_heads: int, ep
     if ext is None:
         return None
     arrays = [tuple(None if t is None else _cpu(t, "decoder weight").numpy() for t in layer) for layer in layers]
-    return ext.Decoder(hidden, intermediate, heads, kv_heads, eps, activation, arrays)
+    return ext.Decoder(hidden, intermediate, heads, kv_heads, eps, activation, arrays,
+                       _cpu(final_norm, "decoder weight").numpy())
 
 
 # ---------------------------------------------------------------------- torch reference

@@ -276,7 +276,7 @@ py::array_t<float> int4_weight_linear(const py::handle& x_obj, const py::handle&
 class Decoder {
  public:
   Decoder(int64_t hidden, int64_t intermediate, int64_t heads, int64_t kv_heads, float eps,
-          const std::string& activation, const py::list& layers) {
+          const std::string& activation, const py::list& layers, const py::handle& final_norm) {
     if (hidden < 1 || intermediate < 1 || heads < 1 || kv_heads < 1 || hidden % heads != 0 || heads % kv_heads != 0 ||
         (hidden / heads) % 2 != 0) {
       throw py::value_error("Decoder: hidden " + std::to_string(hidden) + ", heads " + std::to_string(heads) +
@@ -304,6 +304,7 @@ class Decoder {
       l.down = projection(t[11], t[12], at + "down", hidden, intermediate);
       layers_.push_back(l);
     }
+    final_norm_ = vector(final_norm, "Decoder: final norm", hidden);
   }
 
   void forward(const py::handle& x_obj, const py::handle& cos_obj, const py::handle& sin_obj,
@@ -340,7 +341,7 @@ class Decoder {
     const Settings s = settings();
     py::gil_scoped_release nogil;
     std::lock_guard<std::mutex> lock(workspace_mutex_);  // one step at a time per workspace
-    bitnet::decoder_forward(s.isa, shape_, layers_, step, workspace_, s.threads);
+    bitnet::decoder_forward(s.isa, shape_, layers_, final_norm_, step, workspace_, s.threads);
   }
 
   int64_t huge_page_bytes() const { return arena_.huge_page_bytes(); }
@@ -383,6 +384,7 @@ class Decoder {
 
   bitnet::DecoderShape shape_;
   std::vector<bitnet::DecoderLayer> layers_;
+  const float* final_norm_;
   std::vector<py::array> keep_;
   bitnet::StreamArena arena_;  // the grouped weights
   bitnet::DecoderWorkspace workspace_;
@@ -465,16 +467,17 @@ PYBIND11_MODULE(_cpu_kernels, m) {
   m.def("int4_weight_linear", &int4_weight_linear, py::arg("x"), py::arg("weight"), py::arg("scales"),
         py::arg("rows"), "float32 (M, K) x 4-bit grouped weight (kernels/cpu/int4_weights.h) -> float32 (M, rows)");
   py::class_<Decoder>(m, "Decoder", "the whole decoder stack of a model, one call per forward step")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, float, const std::string&, const py::list&>(),
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, float, const std::string&, const py::list&,
+                    const py::handle&>(),
            py::arg("hidden"), py::arg("intermediate"), py::arg("heads"), py::arg("kv_heads"), py::arg("eps"),
-           py::arg("activation"), py::arg("layers"),
+           py::arg("activation"), py::arg("layers"), py::arg("final_norm"),
            "activation: 'relu2' or 'silu'; layers: per layer (input_norm, qkv qweight, qkv row scales, qkv bias "
            "or None, attn_sub_norm or None, o qweight, o row scales, post_norm, gate_up qweight, gate_up row "
-           "scales, ffn_sub_norm or None, down qweight, down row scales)")
+           "scales, ffn_sub_norm or None, down qweight, down row scales); final_norm (hidden,)")
       .def("forward", &Decoder::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("past"),
-           "x (batch, tokens, hidden) float32, in place: embeddings in, last hidden state out; appends the "
-           "tokens' keys/values to the caches at positions past ..")
+           "x (batch, tokens, hidden) float32, in place: embeddings in, the final norm of the last hidden state "
+           "out; appends the tokens' keys/values to the caches at positions past ..")
       .def("huge_page_bytes", &Decoder::huge_page_bytes,
            "bytes of its grouped weights the kernel backs with 2 MB pages now (kernels/cpu/stream_arena.h)");
   m.def("huge_page_buffer", &huge_page_buffer, py::arg("bytes"),

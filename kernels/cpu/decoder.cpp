@@ -224,6 +224,14 @@ class Step {
         ffn_(sized(ws.ffn, rows_ * shape.intermediate)), out_(sized(ws.out, rows_ * shape.hidden)),
         partials_(ws.partials) {}
 
+  // x = norm(x): the model's final RMSNorm, in place (rms_norm reads a value before writing it).
+  void final_norm(const float* weight) {
+    parallel_for(rows_, threads_, [&](int64_t r) {
+      float* row = st_.x + r * s_.hidden;
+      rms_norm(isa_, row, weight, s_.hidden, s_.eps, row);
+    });
+  }
+
   void layer(int64_t index, const DecoderLayer& l) {
     // Attention block: x += o_proj(attn_sub_norm(attention(rope(qkv(input_norm(x)) + bias))))
     project(norm_rows(st_.x, l.input_norm, s_.hidden), l.qkv, qkv_.data());
@@ -415,9 +423,10 @@ class Step {
 }  // namespace
 
 void decoder_forward(Isa isa, const DecoderShape& shape, const std::vector<DecoderLayer>& layers,
-                     const DecoderStep& step, DecoderWorkspace& workspace, int threads) {
+                     const float* final_norm, const DecoderStep& step, DecoderWorkspace& workspace, int threads) {
   Step run(isa, shape, step, workspace, threads);
   for (size_t i = 0; i < layers.size(); ++i) run.layer(static_cast<int64_t>(i), layers[i]);
+  run.final_norm(final_norm);
 }
 
 }  // namespace bitnet

@@ -3,10 +3,11 @@
 // The maths is bitnet_train/engine/model.py's torch path, operation for operation (which is
 // model.py's): RMSNorm, fused q/k/v (+ Qwen2's biases), RoPE (rotate-half), GQA attention over the
 // KV cache, attn_sub_norm, o_proj, residual; RMSNorm, fused gate/up, act(gate)·up, ffn_sub_norm,
-// down_proj, residual. The architecture choices are model.py's: the activation (2B4T's ReLU² or
-// Llama's SiLU), sub-norms present or not, q/k/v biases present or not; each is one branch per
-// layer, none per value. Running it here instead of as ~40 torch calls per layer is what makes
-// decode memory-bound: at batch 1 a torch op costs about as much as the GEMV beside it.
+// down_proj, residual; after the last layer, the final RMSNorm. The architecture choices are
+// model.py's: the activation (2B4T's ReLU² or Llama's SiLU), sub-norms present or not, q/k/v biases
+// present or not; each is one branch per layer, none per value. Running it here instead of as ~40
+// torch calls per layer is what makes decode memory-bound: at batch 1 a torch op costs about as much
+// as the GEMV beside it.
 #pragma once
 
 #include <cstdint>
@@ -48,7 +49,7 @@ struct DecoderShape {
 
 // The step's tokens continue a cached sequence: positions past .. past + tokens - 1.
 struct DecoderStep {
-  float* x;            // (batch * tokens, hidden) row-major: embeddings in, last hidden state out
+  float* x;            // (batch * tokens, hidden) row-major: embeddings in, normed last hidden state out
   int64_t batch, tokens, past;
   const float* cos;    // (tokens, head_dim): RoPE tables of those positions
   const float* sin;
@@ -64,7 +65,9 @@ struct DecoderWorkspace {
   std::vector<int8_t> codes;
 };
 
+// Every layer, then the final RMSNorm (`final_norm`, (hidden,)) of every row of step.x in place,
+// so that a step hands the head its input without a torch call in between.
 void decoder_forward(Isa isa, const DecoderShape& shape, const std::vector<DecoderLayer>& layers,
-                     const DecoderStep& step, DecoderWorkspace& workspace, int threads);
+                     const float* final_norm, const DecoderStep& step, DecoderWorkspace& workspace, int threads);
 
 }  // namespace bitnet
