@@ -10,10 +10,11 @@ Memory model (bytes per GPU; P parameters, N data-parallel ranks, b x s tokens p
   DDP replicates all of it; ZeRO-2 shards gradients and moments (4P + 12P/N); ZeRO-3 and FSDP
   full shard shard everything (16P/N) and gather one block's weights at a time (plus the next,
   prefetched): 2 blocks x 4 B x block parameters.
-- Activations, bf16, per token and block, counted from model.py: 11h + 3*kv + 7i elements (the
-  residual, norm and quantized inputs of each BitLinear, q/k/v before and after RoPE, the
-  attention output; gate, up, ReLU, ReLU^2, product, sub-norm and quantized FFN input). Attention
-  scores are never stored (SDPA). With block checkpointing, each block keeps only its input (h)
+- Activations per token and block, counted from model.py: 5h + 3*kv + 6i bf16 elements (the
+  residual and norm outputs, q/k/v before and after RoPE, the attention output; gate, up, ReLU,
+  ReLU^2, product, sub-norm) and 6h + i int8 codes, which is all each BitLinear keeps of its
+  input (quant.TernaryLinear; q, k and v each keep their own). Attention scores are never
+  stored (SDPA). With block checkpointing, each block keeps only its input (h)
   and one block's full activations exist at a time, during its recomputation.
 - Logits: 2 B (bf16) + 4 B (the fp32 log-softmax) + 2 B (their gradient) per vocabulary entry
   and token. At 128256 entries this is the largest activation of all.
@@ -41,6 +42,7 @@ MODES = {
 }
 BYTES_WEIGHT, BYTES_GRAD, BYTES_ADAM = 4, 4, 8  # fp32 master weights, fp32 grads, two fp32 moments
 BYTES_ACTIVATION = 2  # bf16
+BYTES_CODE = 1  # int8
 BYTES_LOGIT = 2 + 4 + 2  # bf16 logits, fp32 log-softmax, bf16 gradient
 
 
@@ -81,9 +83,10 @@ class ModelShape:
         return self.embedding_params + self.layers * self.block_params + self.hidden + head  # + final norm
 
     @property
-    def block_activation_elements(self) -> int:
-        """Elements stored per token by one block for its backward (see the module docstring)."""
-        return 11 * self.hidden + 3 * self.kv_dim + 7 * self.intermediate
+    def block_activation_bytes(self) -> int:
+        """Bytes stored per token by one block for its backward (see the module docstring)."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        return (5 * h + 3 * kv + 6 * i) * BYTES_ACTIVATION + (6 * h + i) * BYTES_CODE
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,9 @@ class Memory:
 
 
 def activation_bytes(m: ModelShape, tokens: int, checkpointing: bool) -> float:
-    if checkpointing:
-        elements = m.layers * m.hidden + m.block_activation_elements
-    else:
-        elements = m.layers * m.block_activation_elements
-    return tokens * elements * BYTES_ACTIVATION
+    if checkpointing:  # every block's input, and one block's activations during its recomputation
+        return tokens * (m.layers * m.hidden * BYTES_ACTIVATION + m.block_activation_bytes)
+    return tokens * m.layers * m.block_activation_bytes
 
 
 def memory_per_gpu(m: ModelShape, mode: str, ranks: int, tokens: int, checkpointing: bool) -> Memory:
@@ -151,7 +152,7 @@ def report(m: ModelShape, gpus: int, gpus_per_node: int, micro_batch: int, seq_l
         f"model: {m.params / 1e9:.3f}B parameters ({m.embedding_params / 1e9:.3f}B embedding, "
         f"{m.layers} blocks of {m.block_params / 1e6:.2f}M), vocab {m.vocab}, tied={m.tied}",
         f"micro-batch {micro_batch} x {seq_len} = {tokens_per_micro} tokens per GPU; fp32 weights/grads/AdamW, "
-        "bf16 activations",
+        "bf16 activations, int8 codes of the BitLinear inputs",
         "",
         "| mode | ranks | weights | grads | AdamW | gathered | activations (ckpt / none) | logits | "
         f"total GB (ckpt / none) | fits {gpu_memory_gb:.0f} GB |",

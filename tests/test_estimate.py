@@ -39,12 +39,12 @@ def test_training_state_per_mode_on_64_ranks():
 
 
 def test_activations_and_logits_for_4_sequences_of_4096():
-    per_token_block = 11 * 2560 + 3 * 640 + 7 * 6912
-    assert per_token_block == 78_464
+    per_token_block = (5 * 2560 + 3 * 640 + 6 * 6912) * 2 + (6 * 2560 + 6912) * 1  # bf16 + int8 codes
+    assert per_token_block == 134_656
     ckpt = memory_per_gpu(B2B4T, "ddp", 8, TOKENS, checkpointing=True)
     none = memory_per_gpu(B2B4T, "ddp", 8, TOKENS, checkpointing=False)
-    assert ckpt.activations == TOKENS * (30 * 2560 + 78_464) * 2 == 5_087_690_752
-    assert none.activations == TOKENS * 30 * 78_464 * 2 == 77_133_250_560
+    assert ckpt.activations == TOKENS * (30 * 2560 * 2 + 134_656) == 4_722_786_304
+    assert none.activations == TOKENS * 30 * 134_656 == 66_186_117_120
     assert ckpt.logits == TOKENS * 128256 * 8 == 16_810_770_432
     assert ckpt.total == 16 * P + ckpt.activations + ckpt.logits
 
