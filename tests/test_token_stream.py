@@ -1,7 +1,10 @@
 """Pretraining on a data stream (data.streaming=true): blocks packed as the stream is read, the
 position saved in checkpoints, resumed exactly; local files stand in for a hub dataset."""
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +93,36 @@ def test_one_and_two_ranks_see_the_same_global_batches_in_disjoint_shares(tmp_pa
         assert not set(map(tuple, shares[0].tolist())) & set(map(tuple, shares[1].tolist()))
         assert sorted(torch.cat(shares).tolist()) == sorted(whole.tolist())
     assert one.state_dict() == two[0].state_dict() == two[1].state_dict()
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_tokenizing_and_take_the_one_rank_stream(tmp_path, monkeypatch):
+    """tests/token_stream_worker.py on 2 gloo ranks: each tokenizes half of every chunk's texts and
+    both take exactly the stream that one process takes."""
+    import token_stream_worker as worker
+
+    monkeypatch.setattr(token_stream, "CHUNK_ROWS", worker.CHUNK_ROWS)
+    paths = write_parts(tmp_path / "data", 2, 30)
+    encoded = []
+    reference = FramedStream(load_dataset("json", data_files=[str(p) for p in paths], split="train", streaming=True),
+                             "text", lambda texts: encoded.extend(texts) or worker.encode(texts), 1, 2,
+                             worker.is_train, 0.1)
+    n_tokens = 1500  # within the first epoch, so that no text is encoded twice
+    want = reference.take(n_tokens)
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(root / "tests" / "token_stream_worker.py"), str(tmp_path), str(n_tokens),
+                           *map(str, paths)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    shares = [json.loads((tmp_path / f"encoded{r}.json").read_text()) for r in range(2)]
+    for r in range(2):
+        assert np.array_equal(np.load(tmp_path / f"tokens{r}.npy"), want)
+    assert not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == sorted(encoded)
+    assert abs(len(shares[0]) - len(shares[1])) <= len(encoded) // worker.CHUNK_ROWS + 1  # half each
 
 
 def test_resuming_with_another_global_batch_is_refused(tmp_path):

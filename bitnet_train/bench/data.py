@@ -155,6 +155,15 @@ print(next(line.split()[1] for line in open("/proc/self/status") if line.startsw
 """
 
 
+def training_state_mb() -> float:
+    """The benchmark model's weights, gradients and AdamW moments (fp32: 16 bytes a parameter): the
+    issue's memory target is this plus 500 MB."""
+    from ..model_factory import build_model
+
+    model = build_model(compose_config([*MODEL, "output_dir=unused"]).model, builtin_tokenizer(4096))
+    return 16 * sum(p.numel() for p in model.parameters()) / 2**20
+
+
 def imports_once() -> dict:
     """A fresh process importing what a training run imports: its seconds and peak RSS."""
     start = time.perf_counter()
@@ -207,6 +216,8 @@ def main(argv=None) -> None:
             print(f"{built}| {chunk or 'off'} | {reuse['peak_rss_mb']:.0f} MB | {reuse['first_step_s']:.1f} s "
                   f"| {data_s:.2f} s | {os.getloadavg()[0]:.1f} |", flush=True)
             built = "| | | | "  # the building run's columns once per corpus
+    state = training_state_mb()
+    print(f"model + optimizer state {state:.1f} MB: the reusing runs' peak RSS target is below {state + 500:.0f} MB")
     runs = [imports_once() for _ in range(args.rounds)]
     print(f"\nimports alone (a fresh process, median of {args.rounds}): "
           f"{statistics.median(r['seconds'] for r in runs):.1f} s, "

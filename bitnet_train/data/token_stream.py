@@ -6,7 +6,9 @@ IterableDataset read in its own order. Rows are read CHUNK_ROWS at a time, token
 batch encoding call, framed <bos> doc <eos> as in the token cache, and the global batch of each
 optimizer step is the next global_batch x seq_len tokens of that framed stream. Rank r of w keeps
 every w-th micro-batch of it, as BatchStream does (data/stream.py), so the global batch does not
-depend on the rank count; the price is that every rank reads and tokenizes the whole stream.
+depend on the rank count. Where a micro-batch starts in the stream depends on the length of every
+document before it, so every rank reads every row; the tokenizing, the costly part, is shared:
+rank r encodes every w-th text of a chunk and the ranks exchange their ids (`shared_encoder`).
 
 The position is the `datasets` state (shard, example within it: IterableDataset.state_dict)
 taken before the first chunk whose tokens are not all consumed, the usable documents before
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError
 from .sources import DataError
@@ -37,6 +40,22 @@ class Chunk:
     dataset_state: dict | None  # the stream's state before the chunk's first row; None: the epoch's start
     documents: int  # usable documents of this epoch before the chunk
     tokens: np.ndarray  # the chunk's framed training documents
+
+
+def shared_encoder(encode: Callable[[list[str]], list[list[int]]], rank: int, world: int):
+    """`encode` split over the ranks of the default process group: each encodes every world-th
+    text and all receive every text's ids, in order. Every rank must call it with the same texts,
+    as FramedStream's ranks do: they read the same rows and take the same tokens at each step."""
+    def encode_share(texts: list[str]) -> list[np.ndarray]:
+        share = [np.asarray(ids, dtype=np.int64) for ids in encode(texts[rank::world])]  # pickled compactly
+        shares = [None] * world
+        dist.all_gather_object(shares, share)
+        ids = [None] * len(texts)
+        for r, got in enumerate(shares):
+            ids[r::world] = got
+        return ids
+
+    return encode_share
 
 
 class FramedStream:

@@ -7,6 +7,7 @@ read as a stream and packed as it comes (data/token_stream.py), its position sav
 checkpoint; only the validation split is cached.
 """
 import torch
+import torch.distributed as dist
 
 from ..config import DataConfig, StageConfig
 from ..data.builtin_text import held_out_every
@@ -15,7 +16,7 @@ from ..data.sources import DataError, require_seq_len_fits
 from ..data.stream import BatchStream
 from ..data.token_blocks import TokenBlocks
 from ..data.token_cache import SPLITS, TokenCache, batch_encoder, cache_root, open_token_cache
-from ..data.token_stream import FramedStream, StreamedBatches
+from ..data.token_stream import FramedStream, StreamedBatches, shared_encoder
 from .base import LossOutput
 
 
@@ -57,10 +58,14 @@ class PretrainStage:
 
 
 def train_stream(data: DataConfig, tokenizer) -> FramedStream:
-    """The train split's documents as a stream, the held-out ones skipped unless a split is named."""
+    """The train split's documents as a stream, the held-out ones skipped unless a split is named;
+    on several ranks each tokenizes its share of every chunk (data/token_stream.py)."""
     every = held_out_every(data.validation_fraction)
     is_train = (lambda i: True) if data.validation_split else (lambda i: i % every != every - 1)
-    return FramedStream(open_stream(data, data.train_split, "train_split"), data.text_field, batch_encoder(tokenizer),
+    encode = batch_encoder(tokenizer)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        encode = shared_encoder(encode, dist.get_rank(), dist.get_world_size())
+    return FramedStream(open_stream(data, data.train_split, "train_split"), data.text_field, encode,
                         tokenizer.bos_token_id, tokenizer.eos_token_id, is_train, data.max_bad_row_fraction)
 
 
