@@ -49,10 +49,14 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() * s).round().clamp(INT8_MIN, INT8_MAX), s
 
 
+def dequantize_int8(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x_q = q / s in `dtype`: the value every fake-quant path multiplies by."""
+    return (q.float() / s).to(dtype)
+
+
 def quantize_activation(x: torch.Tensor) -> torch.Tensor:
     """Fake-quantized activation: per-token int8 values times one scale per token."""
-    q, s = quantize_int8(x)
-    return (q / s).to(x.dtype)
+    return dequantize_int8(*quantize_int8(x), x.dtype)
 
 
 def straight_through(x: torch.Tensor, xq: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
@@ -87,7 +91,7 @@ class TernaryLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         codes, scale = quantize_int8(x)
-        x_q = (codes / scale).to(x.dtype)
+        x_q = dequantize_int8(codes, scale, x.dtype)
         out = F.linear(x_q, ternary_weight(weight).to(x.dtype), None if bias is None else bias.to(x.dtype))
         ctx.save_for_backward(codes.to(torch.int8), scale, weight)
         ctx.dtypes = x.dtype, out.dtype, None if bias is None else bias.dtype
@@ -102,7 +106,7 @@ class TernaryLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (grad @ ternary_weight(weight).to(x_dtype).to(compute)).to(x_dtype)
         if ctx.needs_input_grad[1]:
-            x_q = (codes.float() / scale).to(x_dtype).to(compute)
+            x_q = dequantize_int8(codes, scale, x_dtype).to(compute)
             grad_w = (grad.flatten(0, -2).t() @ x_q.flatten(0, -2)).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = grad.flatten(0, -2).sum(0).to(bias_dtype)
