@@ -24,7 +24,6 @@ plus 6 x layers x seq x h for attention (fwd + bwd); fake quantization trains wi
 matmuls, so this is the same count as for a full-precision model.
 """
 import argparse
-import math
 from dataclasses import dataclass
 
 from .config import ModelConfig
