@@ -12,7 +12,7 @@ from bitnet_train import quant, ternary_layout
 from bitnet_train.kernels import cpu
 
 ext = cpu._ext
-CONFIGS = [(backend, threads) for backend in ("avx2", "scalar") for threads in (1, 2)]
+CONFIGS = [(backend, threads) for backend in ("avx512", "avx2", "scalar") for threads in (1, 2)]
 
 
 @pytest.fixture(params=CONFIGS, ids=[f"{b}-{t}thr" for b, t in CONFIGS])
@@ -134,10 +134,21 @@ def test_matmul_int_is_exact_at_int16_extremes(native, m, a_value, t):
 
 @pytest.mark.parametrize("a_value,t", [(-128, 1), (127, 1), (-128, -1), (127, -1)])
 def test_grouped_gemv_is_exact_at_int16_extremes(native, a_value, t):
-    """The decode GEMV (one row, grouped weights) keeps its int16 sums of 4 u products to their bound too."""
+    """The decode GEMV (one row, grouped weights) keeps its sums to their bound too: AVX2's int16 sums of
+    4 u products, AVX-512's int32 sums of fields scaled by up to 64."""
     k, n = 128 * 40, 6
     a = torch.full((1, k), a_value, dtype=torch.int8)
     grouped = ext.group_rows(ternary_layout.pack_ternary(torch.full((n, k), t)).numpy())
+    got = torch.from_numpy(ext.ternary_gemm_int(a.numpy(), grouped, rows=n))
+    assert torch.equal(got, torch.full((1, n), a_value * t * k, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("a_value,t", [(-128, 1), (127, -1)])
+def test_grouped_gemv_is_exact_past_an_accumulator_flush(native, a_value, t):
+    """K past the AVX-512 GEMV's 16384-block flush (kVnniFlushBlocks): the scaled field sums restart exactly."""
+    k, n = 128 * (16384 + 3), 4
+    a = torch.full((1, k), a_value, dtype=torch.int8)
+    grouped = ext.group_rows(ternary_layout.pack_ternary(torch.full((n, k), t, dtype=torch.int8)).numpy())
     got = torch.from_numpy(ext.ternary_gemm_int(a.numpy(), grouped, rows=n))
     assert torch.equal(got, torch.full((1, n), a_value * t * k, dtype=torch.int32))
 

@@ -27,7 +27,7 @@ from bitnet_train.ternary_layout import unpack_ternary
 from bitnet_train.pipeline import run_pipeline
 from conftest import TINY
 
-BACKENDS = ["avx2", "scalar", "torch"]
+BACKENDS = ["avx512", "avx2", "scalar", "torch"]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

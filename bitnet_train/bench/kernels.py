@@ -85,6 +85,7 @@ class ShapeResult:
 @dataclass
 class BenchResult:
     cpu_model: str
+    backend: str  # the compiled backend that ran: avx2, or avx512 (its VNNI GEMV)
     load_average: float  # of other work on the machine, sampled before the run
     threads: int
     prefill_tokens: int
@@ -205,7 +206,7 @@ def run_kernel_bench(
     threads: int = 2, prefill_tokens: int = 128, reps: int = 200, shapes=SHAPES_2B4T
 ) -> BenchResult:
     """Times our GEMV / GEMM and torch's float32 matmul on `threads` threads each."""
-    if _cpu_kernels is None or _cpu_kernels.get_backend() != "avx2":
+    if _cpu_kernels is None or _cpu_kernels.get_backend() not in ("avx2", "avx512"):
         raise RuntimeError(
             "the kernel bench needs the compiled AVX2 kernels (bitnet_train._cpu_kernels): "
             "install a C++17 compiler and reinstall with `pip install -e .`, on an AVX2 CPU"
@@ -215,12 +216,12 @@ def run_kernel_bench(
     stream_bytes = 4 * l3_bytes()
     copy = copy_gbs(stream_bytes)
     results = [bench_shape(n, k, prefill_tokens, stream_bytes, threads, reps) for n, k in shapes]
-    return BenchResult(cpu_model(), load_average, threads, prefill_tokens, copy, results)
+    return BenchResult(cpu_model(), _cpu_kernels.get_backend(), load_average, threads, prefill_tokens, copy, results)
 
 
 def format_table(r: BenchResult) -> str:
     lines = [
-        f"CPU: {r.cpu_model}, {r.threads} threads, backend avx2, load average {r.load_average:.1f} "
+        f"CPU: {r.cpu_model}, {r.threads} threads, backend {r.backend}, load average {r.load_average:.1f} "
         f"before the run. Copy bandwidth {r.copy_gbs:.1f} GB/s (read + write); read bandwidth "
         f"(parallel numpy max) measured per shape right after its GEMVs. Medians.",
         "",

@@ -60,7 +60,8 @@ def _native():
 
 
 def backend() -> str:
-    """What runs the calls: 'avx2' or 'scalar' (compiled), or 'torch' (the reference fallback)."""
+    """What runs the calls: 'avx512', 'avx2' or 'scalar' (compiled), or 'torch' (the reference fallback).
+    'avx512' is 'avx2' with the decode GEMV on AVX-512 VNNI (kernels/cpu/ternary_kernels.cpp)."""
     ext = _native()
     return ext.get_backend() if ext is not None else "torch"
 

@@ -8,6 +8,8 @@
 #include <cstdint>
 
 #define BITNET_AVX2 __attribute__((target("avx2,fma")))
+// The VNNI GEMV (ternary_kernels.cpp), on CPUs that pass cpu_has_avx512_vnni().
+#define BITNET_AVX512_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vnni")))
 
 namespace bitnet {
 

@@ -108,7 +108,7 @@ void base3_gemm_int(Isa isa, const int8_t* a, int64_t m, const uint8_t* w, int64
     permute_activations(a + i * k_padded, k_padded, permuted.data() + i * k_padded);
     for (int64_t c = 0; c < k_padded; ++c) sums[i] += a[i * k_padded + c];
   }
-  const TileFn tile = isa == Isa::kAvx2 ? tile_avx2 : tile_scalar;
+  const TileFn tile = has_avx2(isa) ? tile_avx2 : tile_scalar;
   const int64_t panel = panel_rows(tiles, chunks * kStreamGroup * kBase3ChunkBytes, 1, threads);
   parallel_for(ceil_div(tiles, panel), threads, [&](int64_t task) {
     for (int64_t i = 0; i < m; ++i) {

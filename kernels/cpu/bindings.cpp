@@ -28,8 +28,13 @@ using bitnet::Isa;
 namespace {
 
 // Process-wide, changed only with the GIL held; each call copies it before releasing the GIL.
+Isa best_isa() {
+  if (bitnet::cpu_has_avx512_vnni()) return Isa::kAvx512;
+  return bitnet::cpu_has_avx2() ? Isa::kAvx2 : Isa::kScalar;
+}
+
 struct Settings {
-  Isa isa = bitnet::cpu_has_avx2() ? Isa::kAvx2 : Isa::kScalar;
+  Isa isa = best_isa();
   int threads = bitnet::hardware_threads();
 };
 
@@ -413,24 +418,31 @@ uint64_t stream_xor(const py::handle& obj) {
   return bitnet::stream_xor(data<uint8_t>(a), a.shape(0), threads);
 }
 
-const char* backend_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "scalar"; }
+const char* backend_name(Isa isa) {
+  if (isa == Isa::kAvx512) return "avx512";
+  return isa == Isa::kAvx2 ? "avx2" : "scalar";
+}
 
 std::vector<std::string> available_backends() {
   std::vector<std::string> names{"scalar"};
   if (bitnet::cpu_has_avx2()) names.emplace_back("avx2");
+  if (bitnet::cpu_has_avx512_vnni()) names.emplace_back("avx512");
   return names;
 }
 
 void set_backend(const std::string& name) {
   if (name == "auto") {
-    settings().isa = bitnet::cpu_has_avx2() ? Isa::kAvx2 : Isa::kScalar;
+    settings().isa = best_isa();
   } else if (name == "avx2") {
     if (!bitnet::cpu_has_avx2()) throw py::value_error("set_backend: this CPU lacks AVX2/FMA");
     settings().isa = Isa::kAvx2;
+  } else if (name == "avx512") {
+    if (!bitnet::cpu_has_avx512_vnni()) throw py::value_error("set_backend: this CPU lacks AVX-512 BW/VNNI");
+    settings().isa = Isa::kAvx512;
   } else if (name == "scalar") {
     settings().isa = Isa::kScalar;
   } else {
-    throw py::value_error("set_backend: unknown backend '" + name + "'; use 'auto', 'avx2' or 'scalar'");
+    throw py::value_error("set_backend: unknown backend '" + name + "'; use 'auto', 'avx512', 'avx2' or 'scalar'");
   }
 }
 
@@ -486,7 +498,7 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         "bytes of a huge_page_buffer the kernel backs with 2 MB pages now");
   m.def("stream_xor", &stream_xor, py::arg("buffer"),
         "XOR of every 8-byte word of a uint8 buffer, read like the GEMVs read weights: times the read bandwidth");
-  m.def("set_backend", &set_backend, py::arg("name"), "'auto', 'avx2' or 'scalar'");
+  m.def("set_backend", &set_backend, py::arg("name"), "'auto', 'avx512', 'avx2' or 'scalar'");
   m.def("get_backend", [] { return backend_name(settings().isa); }, "the backend calls run on now");
   m.def("available_backends", &available_backends, "backends this CPU can run");
   m.def("set_num_threads", &set_num_threads, py::arg("n"));

@@ -50,7 +50,7 @@ BITNET_AVX2 void rms_norm_avx2(const float* x, const float* weight, int64_t n, f
 }
 
 void rms_norm(Isa isa, const float* x, const float* weight, int64_t n, float eps, float* out) {
-  if (isa == Isa::kAvx2) return rms_norm_avx2(x, weight, n, eps, out);
+  if (has_avx2(isa)) return rms_norm_avx2(x, weight, n, eps, out);
   rms_norm_scalar(x, weight, n, eps, out);
 }
 
@@ -199,14 +199,14 @@ BITNET_AVX2 int64_t relu2_glu_avx2(const float* gate, const float* up, int64_t n
 }
 
 float dot(Isa isa, const float* a, const float* b, int64_t n) {
-  if (isa == Isa::kAvx2) return dot_avx2(a, b, n);
+  if (has_avx2(isa)) return dot_avx2(a, b, n);
   float total = 0.0f;
   for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
   return total;
 }
 
 void axpy(Isa isa, float alpha, const float* x, int64_t n, float* y) {
-  if (isa == Isa::kAvx2) return axpy_avx2(alpha, x, n, y);
+  if (has_avx2(isa)) return axpy_avx2(alpha, x, n, y);
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
@@ -300,7 +300,7 @@ class Step {
   // both threads share the cache reads), else all chunks of one token's group (prefill). Either way
   // the group's 4 query heads read each key and value from DRAM once, not 4 times.
   void attend(int64_t layer) {
-    if (isa_ != Isa::kAvx2 || s_.head_dim % 8 != 0) return attend_scalar(layer);
+    if (!has_avx2(isa_) || s_.head_dim % 8 != 0) return attend_scalar(layer);
     const int64_t hd = s_.head_dim, group = s_.heads / s_.kv_heads, part = hd + 2;
     const int64_t chunks = ceil_div(st_.past + st_.tokens, kAttentionChunk), units = rows_ * s_.kv_heads;
     const bool split = units < 4 * threads_;
@@ -386,7 +386,7 @@ class Step {
       const float *gate = gate_up_.data() + r * 2 * n, *up = gate + n;
       float* h = ffn_.data() + r * n;
       int64_t i = 0;
-      if (isa_ == Isa::kAvx2 && s_.activation == Activation::kRelu2) i = relu2_glu_avx2(gate, up, n, h);
+      if (has_avx2(isa_) && s_.activation == Activation::kRelu2) i = relu2_glu_avx2(gate, up, n, h);
       for (; i < n; ++i) h[i] = act(gate[i]) * up[i];
     });
   }

@@ -92,12 +92,12 @@ void int4_weight_gemm(Isa isa, const float* x, int64_t m, int64_t k, const uint8
   std::vector<int8_t> a(m * k_padded);
   std::vector<float> a_scales(m);
   quantize_rows(isa, x, m, k, k_padded, a.data(), a_scales.data(), threads);
-  std::vector<int32_t> offsets(isa == Isa::kAvx2 ? m * groups * 8 : 0);
+  std::vector<int32_t> offsets(has_avx2(isa) ? m * groups * 8 : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(offsets.size()) / (groups * 8); ++i) {
     offsets_avx2(a.data() + i * k_padded, groups, offsets.data() + i * groups * 8);
   }
 
-  const TileFn tile = isa == Isa::kAvx2 ? tile_avx2 : tile_scalar;
+  const TileFn tile = has_avx2(isa) ? tile_avx2 : tile_scalar;
   const int64_t tiles = ceil_div(n, kStreamGroup);
   // Tiles per task: a panel of weights small enough to stay in L2 while every activation row uses it.
   const int64_t panel = panel_rows(tiles, groups * kTileBytes, 1, threads, m == 1 ? kGemvTaskBytes : kGemmPanelBytes);

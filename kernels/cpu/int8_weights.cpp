@@ -115,7 +115,7 @@ void int8_weight_gemm(Isa isa, const float* x, int64_t m, int64_t k, const int8_
   std::vector<float> s(m);
   for (int64_t i = 0; i < m; ++i) s[i] = quantize_int16(x + i * k, k, q.data() + i * k);
 
-  const TileFn tile = isa == Isa::kAvx2 ? tile_avx2_any : tile_scalar;
+  const TileFn tile = has_avx2(isa) ? tile_avx2_any : tile_scalar;
   const Layout layout = grouped ? Layout{kInt8Block, kInt8Block * kInt8Group, true} : Layout{k, kInt8Block, false};
   const int64_t ldw = grouped ? int8_group_padded(k) : k;  // bytes per row, padding included
   // A GEMV shares its one activation row across 4 weight rows; a GEMM reuses each widened

@@ -16,9 +16,14 @@ constexpr int64_t kBlockBytes = 32;    // bytes per packed block
 
 inline int64_t padded_features(int64_t k) { return (k + kBlockValues - 1) / kBlockValues * kBlockValues; }
 
-enum class Isa { kScalar, kAvx2 };
+// kAvx512 is kAvx2 everywhere except the ternary GEMV (one activation row), which it runs on
+// AVX-512 VNNI (ternary_kernels.cpp says why).
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+inline bool has_avx2(Isa isa) { return isa != Isa::kScalar; }
 
 bool cpu_has_avx2();
+bool cpu_has_avx512_vnni();
 
 // Per-token absmax int8 quantization, bit-identical to bitnet_train.quant.quantize_int8.
 // x: (rows, k) float32; q: (rows, k_padded) int8 with the padding zeroed; scales: (rows,),
