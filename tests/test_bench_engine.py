@@ -54,6 +54,16 @@ def test_our_runners_measure_error_against_the_fp32_head(small):
     assert int8.bytes_per_token < fp32.bytes_per_token
 
 
+def test_bytes_per_token_count_the_kv_cache_a_decode_step_reads(small):
+    """Steps at positions 8 .. 11 attend over 9 .. 12 cached positions: 10.5 on average, keys and values of
+    2 layers x 2 KV heads x 64 dimensions, float32."""
+    engine, embed = small
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    (runner,) = bench.our_runners(engine, embed, ["int8"], prompt, 4)
+    head = bench.Head.from_float(embed, "int8")
+    assert runner.bytes_per_token - bench.layer_bytes(engine) - head.nbytes == 10.5 * 2 * 2 * 2 * 64 * 4
+
+
 def test_rounds_run_every_engine_and_pair_ratios(small):
     engine, embed = small
     prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))

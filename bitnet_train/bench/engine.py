@@ -6,7 +6,7 @@ embedding) and random ternary weights packed directly in memory, so no 2B4T trai
 the kernels' speed does not depend on the code values.
 
 Decode is memory-bound, so beside tokens/s the table gives the bytes each token reads (every
-packed weight plus the head), the bandwidth that implies, and the read bandwidth of this machine
+packed weight, the head, and the KV cache the step attends over), the bandwidth that implies, and the read bandwidth of this machine
 measured after every round of the same run: the ratio, paired by round, is what to compare across
 loaded and idle runs. The head is
 timed in each storage type (`head_dtype`), with the logit error and greedy agreement it gives
@@ -99,6 +99,15 @@ def layer_bytes(engine: Engine) -> int:
                for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
 
 
+def kv_cache_bytes(config: BitNetTrainConfig, prompt: int, decode: int, element_bytes: int) -> int:
+    """Keys and values a decode step reads, averaged over the run's steps: the step at position p attends
+    over p + 1 positions of every layer (2B4T, 128-token prompt, float32: 22 MB, 3% of an int4-head step).
+    Ours are float32, llama.cpp's f16 (its default cache type), so each is counted at its own size."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element_bytes
+    return round(per_position * (prompt + (decode + 1) / 2))  # the mean of prompt + 1 .. prompt + decode
+
+
 # ---------------------------------------------------------------------- one generation per engine
 
 
@@ -127,7 +136,7 @@ def run_ours(engine: Engine, head: Head, prompt: torch.Tensor, decode: int) -> G
 class Runner:
     engine: str  # "ours" or "llama.cpp"
     head: str
-    bytes_per_token: int  # weights read per decoded token (packed layers + head)
+    bytes_per_token: int  # read per decoded token: packed layers + head + KV cache (kv_cache_bytes)
     generate: Callable[[torch.Tensor, int], Generation]
     head_ms: float = float("nan")  # the head alone, one token (ours only)
     logits_rel_error: float = float("nan")  # max |logits - fp32-head logits| / max |fp32-head logits|
@@ -157,7 +166,7 @@ def time_head(head: Head, hidden: int, reps: int = 5) -> float:
 def our_runners(engine: Engine, embed: torch.Tensor, heads: list[str], prompt: torch.Tensor,
                 decode: int) -> list[Runner]:
     """A runner per head, with its error and greedy agreement against the fp32 head (untimed runs)."""
-    layers = layer_bytes(engine)
+    layers = layer_bytes(engine) + kv_cache_bytes(engine.config, prompt.shape[1], decode, torch.float32.itemsize)
     reference = run_ours(engine, Head.from_float(embed, "fp32"), prompt, decode)
     runners = []
     for dtype in heads:
@@ -275,6 +284,7 @@ def llama_runners(engine: Engine, embed: torch.Tensor, heads: list[str], workdir
         quantize_head(f16, files["q6_k"], threads)
     head_bytes = {"f16": embed.numel() * 2, "q6_k": embed.numel() * 210 // 256}  # Q6_K: 210 bytes per 256
     layers = layer_bytes(engine) * 66 // 64  # a 2-byte scale per 64 bytes of codes
+    layers += kv_cache_bytes(engine.config, prompt, decode, torch.float16.itemsize)
     runners = []
     for head in heads:
         llm = llama_cpp.Llama(str(files[head]), n_ctx=prompt + decode, n_batch=prompt, n_ubatch=prompt,
@@ -317,7 +327,8 @@ def format_table(runners: list[Runner], threads: int, bandwidth: list[float], pr
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at the start{after}; read bandwidth "
         f"measured after each round: {spread(bandwidth)} GB/s.",
         f"2B4T shape, random ternary weights; prefill {prompt} tokens, then {decode} greedy decode steps; "
-        f"{len(runners[0].runs)} interleaved rounds: median (min-max); % of read BW paired by round.",
+        f"{len(runners[0].runs)} interleaved rounds: median (min-max); % of read BW paired by round; bytes/token: "
+        "weights, head and the KV cache a decode step reads (ours float32, llama.cpp f16).",
         "",
         "| engine | head | prefill tok/s | decode tok/s | head alone (ms/token) | bytes/token (GB) | decode GB/s | "
         "% of read BW | logits rel. error vs fp32 head | greedy steps equal to fp32 head |",
