@@ -11,6 +11,14 @@
 // The VNNI GEMV (ternary_kernels.cpp), on CPUs that pass cpu_has_avx512_vnni().
 #define BITNET_AVX512_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vnni")))
 
+// Around the AVX-512 code: GCC 12's AVX-512 headers warn that their own _mm512_undefined_* values are
+// uninitialized (GCC bug 105593, fixed in GCC 13); nothing there reads an undefined value.
+#define BITNET_AVX512_WARNINGS_OFF                             \
+  _Pragma("GCC diagnostic push")                               \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")        \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define BITNET_AVX512_WARNINGS_ON _Pragma("GCC diagnostic pop")
+
 namespace bitnet {
 
 BITNET_AVX2 inline int32_t hsum_epi32(__m256i v) {

@@ -192,11 +192,7 @@ void tile_avx2_any(int rows, int cols, const int8_t* a, int64_t lda, const uint8
 constexpr int64_t kVnniFlushBlocks = 1 << 14;
 static_assert(kVnniFlushBlocks * 4 * 2 * 64 * 128 < (1LL << 31), "int32 accumulators could overflow");
 
-// GCC 12's AVX-512 headers warn that their own _mm512_undefined_* values are uninitialized (GCC bug
-// 105593, fixed in GCC 13); nothing here reads an undefined value.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+BITNET_AVX512_WARNINGS_OFF
 
 // sum over fields s of acc[s] / 4^s.
 BITNET_AVX512_VNNI inline __m512i unscale_fields(const __m512i acc[4]) {
@@ -234,7 +230,7 @@ BITNET_AVX512_VNNI void gemv_group_vnni(const int8_t* a, const uint8_t* w, int64
   dots[3] = hsum_epi32(_mm512_extracti64x4_epi64(rows23, 1));
 }
 
-#pragma GCC diagnostic pop
+BITNET_AVX512_WARNINGS_ON
 
 // A whole group of grouped rows against one activation row goes to the VNNI GEMV; every other
 // tile (prefill's, edge tiles, row-major weights) to the AVX2 one.
