@@ -37,14 +37,19 @@ SFT = ["stages.sft.max_steps=2", "stages.sft.micro_batch_size=4", "stages.sft.da
        "stages.sft.eval_batches=2", "stages.sft.eval_every=2", "stages.sft.save_every=2", "stages.sft.loss_reduction=sum"]
 DPO = ["stages.dpo.max_steps=2", "stages.dpo.micro_batch_size=2", "stages.dpo.data.num_train_examples=8", "stages.dpo.data.num_eval_examples=4",
        "stages.dpo.eval_batches=2", "stages.dpo.eval_every=2", "stages.dpo.save_every=2"]
-BASE = [*TINY, *STEPS, *SFT, *DPO]
+# The full-precision twin: with ternary weights and int8 activations, a float-level difference
+# of reduction order flips a rounding now and then, and that grows to ~1e-3 within four steps on
+# some data and not on other (measured). What this file tests, which examples each rank takes
+# and how gradients are reduced, runs the same code for either model.
+BASE = [*TINY, *STEPS, *SFT, *DPO, "model.quantize=false"]
 ONE_RANK = ["stages.pretrain.grad_accum=2", "stages.sft.grad_accum=2", "stages.dpo.grad_accum=2"]  # global batch = micro x 2 x 1 rank
 TWO_RANKS = ["stages.pretrain.grad_accum=1", "stages.sft.grad_accum=1", "stages.dpo.grad_accum=1"]  # global batch = micro x 1 x 2 ranks
 CHECKPOINT_2 = "pretrain/checkpoints/step_00000002"
 TOL = dict(rtol=1e-4, atol=1e-6)
 # Weights: AdamW divides by sqrt(v), so an entry whose gradient is ~eps (a rare token's embedding)
-# moves by an lr-sized amount that float noise can change by 1e-6; a real error moves ~lr = 1e-3.
-WEIGHT_TOL = dict(rtol=1e-4, atol=1e-5)
+# moves by an lr-sized amount that float noise can change by up to 3.2e-5 (measured, one entry of
+# 262k); a real error moves ~lr = 1e-3.
+WEIGHT_TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 def free_port() -> int:

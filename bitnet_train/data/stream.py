@@ -1,8 +1,9 @@
 """A resumable, rank-aware stream of global batches.
 
 Every optimizer step consumes one global batch of `global_batch` examples, in an order fixed
-by (seed, epoch). Rank r of w takes every w-th micro-batch of it, so 1 rank x 4 micro-batches
-and 2 ranks x 2 micro-batches see exactly the same examples per step. The position is two
+by (seed, epoch) and computed a batch at a time (data/permutation.py), so that it costs no memory
+however many examples there are. Rank r of w takes every w-th micro-batch of it, so 1 rank x 4
+micro-batches and 2 ranks x 2 micro-batches see exactly the same examples per step. The position is two
 integers, saved in every checkpoint with the global batch size and nothing about its split, which
 makes resuming exact on any number of ranks and micro-batches that keeps the global batch.
 """
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..config import ConfigError
+from .permutation import Permutation
 
 
 @dataclass
@@ -33,23 +35,17 @@ class BatchStream:
             )
         self.seed = seed
         self.pos = StreamPosition()
-        self._order = None
 
     @property
     def steps_per_epoch(self) -> int:
         return self.n // self.global_batch
 
-    def order(self) -> torch.Tensor:
-        if self._order is None or self._order[0] != self.pos.epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.pos.epoch)
-            self._order = (self.pos.epoch, torch.randperm(self.n, generator=g))
-        return self._order[1]
-
     def next_step(self, rank: int) -> list[torch.Tensor]:
         """Example indices of this rank's micro-batches for the next optimizer step."""
         if self.pos.offset + self.global_batch > self.n:  # drop the ragged tail, start a new epoch
             self.pos = StreamPosition(self.pos.epoch + 1, 0)
-        idx = self.order()[self.pos.offset : self.pos.offset + self.global_batch]
+        order = Permutation(self.n, seed=self.seed * 1_000_003 + self.pos.epoch)
+        idx = order.take(self.pos.offset, self.global_batch)
         self.pos.offset += self.global_batch
         micro = idx.view(self.accum * self.world, self.micro)
         return [micro[i] for i in range(rank, len(micro), self.world)]
