@@ -1,7 +1,7 @@
 """Benchmark (not a test): pretraining data at corpus scale.
 
     bitnet-train bench data [--sizes-mb 10,100,1000] [--throughput-mb 20] [--rounds 3] [--dir DIR]
-                            [--loss-chunk-tokens 0,1024]
+                            [--loss-chunk-tokens 0,256]
 
 The benchmark writes a synthetic .jsonl corpus itself: 10 MB parts of documents of about 2 KB
 cut from the built-in text at random places, so the tokenizer sees real prose.
@@ -180,7 +180,7 @@ def main(argv=None) -> None:
     p.add_argument("--dir", default="/tmp/bitnet_bench_data")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--loss-chunk-tokens", default="0")
+    p.add_argument("--loss-chunk-tokens", default="0,256")
     args = p.parse_args(argv)
     root = Path(args.dir)
     sizes = [int(s) for s in args.sizes_mb.split(",") if s]
