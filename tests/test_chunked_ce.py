@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,26 @@ def test_the_chunked_loss_never_holds_the_full_logits(chunk_tokens):
         assert seen.rows == IDS.numel()
     else:  # a chunk's logits, or the head's weight transposed (hidden_size rows)
         assert seen.rows <= max(chunk_tokens, ARCH["hidden_size"]) < IDS.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chunks_logits_are_freed_before_the_next_chunks_are_made(monkeypatch, dtype):
+    """Peak memory is one chunk's logits, not two: when a chunk's log-softmax is computed, no
+    earlier chunk's is still alive (weak references to every one made)."""
+    made, alive_at_each = [], []
+    log_softmax = torch.log_softmax
+
+    def recording(x, dim):
+        alive_at_each.append(sum(ref() is not None for ref in made))
+        out = log_softmax(x, dim=dim)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(torch, "log_softmax", recording)
+    h = torch.randn(40, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    chunked_ce.linear_cross_entropy_sum(h, w, torch.randint(0, 50, (40,)), chunk_tokens=8).backward()
+    assert alive_at_each == [0] * 5
 
 
 # --- The config switch ---

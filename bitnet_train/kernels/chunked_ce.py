@@ -19,6 +19,28 @@ from ..losses import IGNORE
 DEFAULT_CHUNK_ELEMENTS = 2**28  # logits per chunk: 1 GiB in float32
 
 
+def chunk_loss(h_c, t_c, w, grad_h_c, grad_w) -> torch.Tensor:
+    """One chunk's summed loss; with grad_h_c given, also its gradients: grad_h_c filled in place,
+    grad_w accumulated. A function of its own so that the chunk's buffers die when it returns,
+    before the next chunk's are made: a loop body's locals would live on beside them."""
+    # F.cross_entropy is exactly nll_loss(log_softmax); keeping the log-softmax lets its exp
+    # become the gradient in place: two chunk-sized buffers at a time, not three.
+    logp = torch.log_softmax((h_c @ w.t()).float(), dim=-1)
+    loss = F.nll_loss(logp, t_c, ignore_index=IGNORE, reduction="sum")
+    if grad_h_c is None:
+        return loss
+    # d(sum of losses)/d(logits) = softmax - one_hot(target), zero for ignored tokens
+    d_logits = logp.exp_()
+    valid = t_c != IGNORE
+    rows = torch.arange(t_c.shape[0], device=h_c.device)
+    d_logits[rows, t_c.clamp(min=0)] -= 1.0
+    d_logits *= valid[:, None]
+    d_logits = d_logits.to(w.dtype)
+    grad_h_c.copy_(d_logits @ w)
+    grad_w += (d_logits.t() @ h_c).float()
+    return loss
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_tokens: int, dtype: torch.dtype, grads: bool):
@@ -27,22 +49,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grads else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_tokens):
-            h_c, t_c = h[start:start + chunk_tokens].to(dtype), targets[start:start + chunk_tokens]
-            # F.cross_entropy is exactly nll_loss(log_softmax); keeping the log-softmax lets its
-            # exp become the gradient in place: two chunk-sized buffers at a time, not three.
-            logp = torch.log_softmax((h_c @ w.t()).float(), dim=-1)
-            loss += F.nll_loss(logp, t_c, ignore_index=IGNORE, reduction="sum")
-            if not grads:
-                continue
-            # d(sum of losses)/d(logits) = softmax - one_hot(target), zero for ignored tokens
-            d_logits = logp.exp_()
-            valid = t_c != IGNORE
-            rows = torch.arange(t_c.shape[0], device=h.device)
-            d_logits[rows, t_c.clamp(min=0)] -= 1.0
-            d_logits *= valid[:, None]
-            d_logits = d_logits.to(dtype)
-            grad_h[start:start + chunk_tokens] = (d_logits @ w).to(h.dtype)
-            grad_w += (d_logits.t() @ h_c).float()
+            rows = slice(start, start + chunk_tokens)
+            loss += chunk_loss(h[rows].to(dtype), targets[rows], w, grad_h[rows] if grads else None, grad_w)
         if grads:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss
