@@ -17,7 +17,13 @@ Memory model (bytes per GPU; P parameters, N data-parallel ranks, b x s tokens p
   stored (SDPA). With block checkpointing, each block keeps only its input (h)
   and one block's full activations exist at a time, during its recomputation.
 - Logits: 2 B (bf16) + 4 B (the fp32 log-softmax) + 2 B (their gradient) per vocabulary entry
-  and token. At 128256 entries this is the largest activation of all.
+  and token. At 128256 entries this is the largest activation of all. With the chunked loss
+  (model.loss_chunk_tokens = c, kernels/chunked_ce.py) the loss never holds them: the head in
+  bf16 (2 B a head weight), its fp32 gradient (4 B), the hidden states' gradient (4 B a token
+  and hidden unit: the residual stream stays fp32 under autocast), and at the peak of one chunk
+  the larger of its logits (bf16, then fp32, then the fp32 log-softmax: 8 B a chunk token and
+  vocabulary entry) and its gradient with the head-gradient product (6 B, and 2 + 4 B a head
+  weight).
 Not counted: allocator fragmentation, communication buckets, the CUDA context (~1-3 GB together):
 plan for 10-20% headroom. FLOPs per token: 6 x (non-embedding parameters + the output head)
 plus 6 x layers x seq x h for attention (fwd + bwd); fake quantization trains with ordinary bf16
@@ -108,7 +114,15 @@ def activation_bytes(m: ModelShape, tokens: int, checkpointing: bool) -> float:
     return tokens * m.layers * m.block_activation_bytes
 
 
-def memory_per_gpu(m: ModelShape, mode: str, ranks: int, tokens: int, checkpointing: bool) -> Memory:
+def logit_bytes(m: ModelShape, tokens: int, loss_chunk_tokens: int) -> float:
+    if not loss_chunk_tokens:
+        return tokens * m.vocab * BYTES_LOGIT
+    head, chunk = m.vocab * m.hidden, min(loss_chunk_tokens, tokens) * m.vocab
+    return head * (2 + 4) + tokens * m.hidden * 4 + max(8 * chunk, 6 * chunk + 6 * head)
+
+
+def memory_per_gpu(m: ModelShape, mode: str, ranks: int, tokens: int, checkpointing: bool,
+                   loss_chunk_tokens: int = 0) -> Memory:
     if mode not in MODES:
         raise ValueError(f"unknown launch mode {mode!r}; known: {sorted(MODES)}")
     shard_w, shard_g, shard_o = MODES[mode]
@@ -123,7 +137,7 @@ def memory_per_gpu(m: ModelShape, mode: str, ranks: int, tokens: int, checkpoint
         optimizer=part(shard_o) * BYTES_ADAM,
         gathered=2 * m.block_params * BYTES_WEIGHT if shard_w else 0.0,
         activations=activation_bytes(m, tokens, checkpointing),
-        logits=tokens * m.vocab * BYTES_LOGIT,
+        logits=logit_bytes(m, tokens, loss_chunk_tokens),
     )
 
 
@@ -145,13 +159,14 @@ def required_throughput(m: ModelShape, tokens: float, days: float, gpus: int, se
 
 
 def report(m: ModelShape, gpus: int, gpus_per_node: int, micro_batch: int, seq_len: int, tokens: float,
-           days: float, gpu_memory_gb: float, peak_tflops: float) -> str:
+           days: float, gpu_memory_gb: float, peak_tflops: float, loss_chunk_tokens: int = 0) -> str:
     tokens_per_micro = micro_batch * seq_len
+    loss = f"the loss {loss_chunk_tokens} tokens at a time" if loss_chunk_tokens else "the full logits"
     lines = [
         f"model: {m.params / 1e9:.3f}B parameters ({m.embedding_params / 1e9:.3f}B embedding, "
         f"{m.layers} blocks of {m.block_params / 1e6:.2f}M), vocab {m.vocab}, tied={m.tied}",
         f"micro-batch {micro_batch} x {seq_len} = {tokens_per_micro} tokens per GPU; fp32 weights/grads/AdamW, "
-        "bf16 activations, int8 codes of the BitLinear inputs",
+        f"bf16 activations, int8 codes of the BitLinear inputs, {loss}",
         "",
         "| mode | ranks | weights | grads | AdamW | gathered | activations (ckpt / none) | logits | "
         f"total GB (ckpt / none) | fits {gpu_memory_gb:.0f} GB |",
@@ -159,8 +174,8 @@ def report(m: ModelShape, gpus: int, gpus_per_node: int, micro_batch: int, seq_l
     ]
     for mode in MODES:
         ranks = 1 if mode == "single_gpu" else (gpus_per_node if mode in ("ddp",) else gpus)
-        ckpt = memory_per_gpu(m, mode, ranks, tokens_per_micro, checkpointing=True)
-        full = memory_per_gpu(m, mode, ranks, tokens_per_micro, checkpointing=False)
+        ckpt = memory_per_gpu(m, mode, ranks, tokens_per_micro, True, loss_chunk_tokens)
+        full = memory_per_gpu(m, mode, ranks, tokens_per_micro, False, loss_chunk_tokens)
         fits = "yes" if ckpt.total <= gpu_memory_gb * GB * 0.85 else "no"
         lines.append(
             f"| {mode} | {ranks} | {ckpt.weights / GB:.2f} | {ckpt.grads / GB:.2f} | {ckpt.optimizer / GB:.2f} | "
@@ -204,8 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     shape = ModelShape.from_config(cfg.model, args.vocab)
     stage = cfg.stages[cfg.pipeline[0]]  # the recipe's first (longest) stage: pretrain, or convert
     micro_batch, seq_len = args.micro_batch or stage.micro_batch_size, args.seq_len or stage.data.seq_len
+    # Distillation (convert) needs the teacher's and the student's full logits: no chunking there.
+    chunk = 0 if stage.kind == "convert" else cfg.model.loss_chunk_tokens
     print(report(shape, args.gpus, args.gpus_per_node, micro_batch, seq_len, args.tokens, args.days,
-                 args.gpu_memory_gb, args.peak_tflops))
+                 args.gpu_memory_gb, args.peak_tflops, chunk))
     if stage.kind == "convert":
         print(teacher_memory(shape, micro_batch * seq_len, stage.precision == "bf16"))
 

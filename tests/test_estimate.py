@@ -49,6 +49,16 @@ def test_activations_and_logits_for_4_sequences_of_4096():
     assert ckpt.total == 16 * P + ckpt.activations + ckpt.logits
 
 
+def test_the_chunked_loss_holds_the_head_its_gradient_and_one_chunk():
+    head, grad_h = 128256 * 2560 * (2 + 4), TOKENS * 2560 * 4  # bf16 head + fp32 head gradient; fp32 grad of h
+    small = memory_per_gpu(B2B4T, "ddp", 8, TOKENS, True, loss_chunk_tokens=1024)
+    # a 1024-token chunk: its gradient beside the head-gradient product outweighs its logits
+    assert small.logits == head + grad_h + 6 * 1024 * 128256 + 6 * 128256 * 2560 == 4_895_801_344
+    whole = memory_per_gpu(B2B4T, "ddp", 8, TOKENS, True, loss_chunk_tokens=10**6)  # one chunk of every token
+    assert whole.logits == head + grad_h + 8 * TOKENS * 128256
+    assert memory_per_gpu(B2B4T, "ddp", 8, TOKENS, True, loss_chunk_tokens=0).logits == TOKENS * 128256 * 8
+
+
 def test_tokens_per_second_for_4t_tokens_in_30_days_on_256_gpus():
     need = required_throughput(B2B4T, 4e12, days=30, gpus=256, seq_len=4096)
     assert need.tokens_per_s == pytest.approx(4e12 / 2_592_000)  # 1,543,209.9
