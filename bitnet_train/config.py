@@ -91,11 +91,12 @@ class ModelConfig:
     bitlinear_kernel: BitLinearKernel = BitLinearKernel.torch
     # Pretraining's and SFT's loss through the LM head N tokens at a time (kernels/chunked_ce.py):
     # the logits (tokens x vocab, fp32) are never held in full. The same loss and gradients up to
-    # float rounding, in less memory (2B4T: 4.9 GB a GPU where the full logits take 16.8 GB,
+    # float rounding, in less memory (2B4T: 4.3 GB a GPU where the full logits take 16.8 GB,
     # `bitnet-train estimate`) and on the CPU in less time; 0: the full logits. A chunk holds
-    # N x vocab fp32 logits: 1024 x 4096 is 16 MiB, 1024 x 128k (2B4T) 512 MiB.
+    # N x vocab fp32 logits: 256 x 4096 is 4 MiB, 256 x 128k (2B4T) 128 MiB; the
+    # benchmark run of `bitnet-train bench data` peaks 40-50 MB higher with 1024.
     # Conversion (distillation) and DPO need the full logits and ignore it.
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = 256
 
 
 @dataclass
