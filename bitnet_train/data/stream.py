@@ -3,9 +3,10 @@
 Every optimizer step consumes one global batch of `global_batch` examples, in an order fixed
 by (seed, epoch) and computed a batch at a time (data/permutation.py), so that it costs no memory
 however many examples there are. Rank r of w takes every w-th micro-batch of it, so 1 rank x 4
-micro-batches and 2 ranks x 2 micro-batches see exactly the same examples per step. The position is two
-integers, saved in every checkpoint with the global batch size and nothing about its split, which
-makes resuming exact on any number of ranks and micro-batches that keeps the global batch.
+micro-batches and 2 ranks x 2 micro-batches see exactly the same examples per step. The position
+is two integers, saved in every checkpoint with the global batch size and nothing about its
+split, which makes resuming exact on any number of ranks and micro-batches that keeps the global
+batch.
 """
 from dataclasses import asdict, dataclass
 
