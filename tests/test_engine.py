@@ -160,7 +160,25 @@ def test_kv_cache_decode_equals_full_recompute(engine, text_ids, backend):
     steps = [engine.forward(ids[:, :10], cache), engine.forward(ids[:, 10:15], cache)]
     steps += [engine.forward(ids[:, t:t + 1], cache) for t in range(15, 24)]
     assert cache.length == 24
-    assert relative_error(torch.cat(steps, dim=1), full) < 1e-5
+    # torch's SDPA reduces one new token and a whole sequence in different orders, and the int8
+    # quantizer after it carries the last-bit differences on: 2.2e-5 on a Zen 3 VM (4e-7 compiled).
+    assert relative_error(torch.cat(steps, dim=1), full) < (1e-4 if backend == "torch" else 1e-5)
+
+
+def test_the_compiled_stack_times_its_pieces_only_when_asked(engine, text_ids):
+    if engine.native is None or cpu.backend() == "torch":
+        pytest.skip("the compiled kernels are not built here")
+    cache = engine.new_cache(1, 8)
+    engine.native.set_profiling(True)
+    try:
+        for t in range(3):
+            engine.forward(text_ids[:1, t:t + 1], cache)
+        profile = engine.native.profile()
+    finally:
+        engine.native.set_profiling(False)
+    assert profile["steps"] == 3 and profile["gemv"] > 0 and profile["attention"] > 0 and profile["norms"] > 0
+    engine.forward(text_ids[:1, 3:4], cache)
+    assert engine.native.profile() == {**{name: 0.0 for name in profile if name != "steps"}, "steps": 0}
 
 
 def test_the_compiled_stack_equals_the_torch_layers(engine, text_ids):
