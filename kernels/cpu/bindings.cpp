@@ -351,6 +351,23 @@ class Decoder {
 
   int64_t huge_page_bytes() const { return arena_.huge_page_bytes(); }
 
+  // Switches the per-piece timers on or off; either way the sums start again from zero.
+  void set_profiling(bool on) {
+    std::lock_guard<std::mutex> lock(workspace_mutex_);
+    workspace_.profile = bitnet::DecoderProfile{};
+    workspace_.profile.enabled = on;
+  }
+
+  py::dict profile() {
+    std::lock_guard<std::mutex> lock(workspace_mutex_);
+    py::dict out;
+    for (int i = 0; i < static_cast<int>(bitnet::Piece::kCount); ++i) {
+      out[bitnet::kPieceNames[i]] = workspace_.profile.seconds[i];
+    }
+    out["steps"] = workspace_.profile.steps;
+    return out;
+  }
+
  private:
   const float* vector(const py::handle& obj, const std::string& name, int64_t n) {
     const py::array a = require<float>(obj, name, 1);
@@ -490,6 +507,10 @@ PYBIND11_MODULE(_cpu_kernels, m) {
            py::arg("v_cache"), py::arg("past"),
            "x (batch, tokens, hidden) float32, in place: embeddings in, the final norm of the last hidden state "
            "out; appends the tokens' keys/values to the caches at positions past ..")
+      .def("set_profiling", &Decoder::set_profiling, py::arg("on"),
+           "time each piece of every forward step (norms, quantize, gemv, attention, rope_cache, glu, residual) "
+           "from now on, or stop; the sums restart from zero")
+      .def("profile", &Decoder::profile, "seconds per piece summed over the profiled steps, and 'steps'")
       .def("huge_page_bytes", &Decoder::huge_page_bytes,
            "bytes of its grouped weights the kernel backs with 2 MB pages now (kernels/cpu/stream_arena.h)");
   m.def("huge_page_buffer", &huge_page_buffer, py::arg("bytes"),

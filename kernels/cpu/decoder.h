@@ -58,11 +58,26 @@ struct DecoderStep {
   int64_t max_tokens;
 };
 
+// The pieces of a forward step, timed when a profile is on (`bitnet-train bench engine --profile`):
+// where the time goes between the GEMVs, which stream the weights, and what leaves memory idle.
+enum class Piece { kNorm, kQuantize, kGemv, kAttention, kRopeCache, kGlu, kResidual, kCount };
+constexpr const char* kPieceNames[] = {"norms", "quantize", "gemv", "attention", "rope_cache", "glu", "residual"};
+static_assert(sizeof(kPieceNames) / sizeof(kPieceNames[0]) == static_cast<int>(Piece::kCount));
+
+// Seconds per piece summed over the steps since profiling was switched on. A timer costs ~30 ns,
+// 10 per layer: off by default all the same, so a step without a profile reads no clock.
+struct DecoderProfile {
+  bool enabled = false;
+  double seconds[static_cast<int>(Piece::kCount)] = {};
+  int64_t steps = 0;
+};
+
 // A step's intermediate activations, kept from one step to the next: allocated afresh, a
 // 128-token prefill of 2B4T faulted in ~20 MB of new pages per call (a fifth of its non-GEMM time).
 struct DecoderWorkspace {
   std::vector<float> normed, a_scales, qkv, attended, gate_up, ffn, out, partials;
   std::vector<int8_t> codes;
+  DecoderProfile profile;
 };
 
 // Every layer, then the final RMSNorm (`final_norm`, (hidden,)) of every row of step.x in place,
