@@ -69,18 +69,22 @@ def test_rounds_run_every_engine_and_pair_ratios(small):
     prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
     runners = bench.our_runners(engine, embed, ["fp32", "int4"], prompt, 3)
     runners[1].engine = "llama.cpp"  # stands in for the baseline: the pairing is what is tested
-    bandwidth = bench.run_rounds(runners, prompt, 3, rounds=3, bandwidth=lambda: 10.0)
-    assert [len(r.runs) for r in runners] == [3, 3] and bandwidth == [10.0] * 3
+    probes = iter(range(10, 100))
+    bandwidth = bench.run_rounds(runners, prompt, 3, rounds=3, bandwidth=lambda: float(next(probes)))
+    assert [len(r.runs) for r in runners] == [3, 3] and bandwidth == list(range(10, 17))  # one before, one after each
+    # Round 0 runs fp32 then int4, round 1 int4 then fp32: each run is set against its own two probes.
+    assert [g.read_gbs for g in runners[0].runs] == [10.5, 13.5, 14.5]
+    assert [g.read_gbs for g in runners[1].runs] == [11.5, 12.5, 15.5]
     table = bench.format_table(runners, 1, bandwidth, 8, 3, (0.0, 0.0, 0.0))
     assert "| fp32 | int4 |" in table and "3 interleaved rounds" in table
 
 
-def test_share_of_read_bandwidth_is_paired_by_round(small):
-    """Each round's decode speed is set against the bandwidth measured right after it, not a mean."""
+def test_share_of_read_bandwidth_is_paired_with_each_generation(small):
+    """Each generation's decode speed is set against the bandwidth probed around it, not a mean of all."""
     engine, embed = small
     prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
     runner = bench.our_runners(engine, embed, ["fp32"], prompt, 2)[0]
-    runner.runs = [bench.Generation(1.0, 2 / t, None, []) for t in (10.0, 20.0)]  # 10 and 20 tok/s
+    runner.runs = [bench.Generation(1.0, 2 / t, None, [], read_gbs=gbs) for t, gbs in ((10.0, 10.0), (20.0, 40.0))]
     runner.bytes_per_token = 10**9  # 1 GB: 10 and 20 GB/s
     table = bench.format_table([runner], 1, [10.0, 40.0], 8, 2, (0.0, 0.0, 0.0))
     assert "| 75 (50-100)% |" in table  # 10/10 and 20/40, not 15 / 25 = 60%
@@ -105,3 +109,20 @@ def test_llama_cpp_runs_the_same_model_with_both_heads(small, tmp_path):
         generation = r.generate(prompt, 4)
         assert len(generation.tokens) == 4 and all(0 <= t < 1000 for t in generation.tokens)
     assert runners[1].bytes_per_token < runners[0].bytes_per_token
+
+
+def test_profile_splits_a_decode_step_into_its_pieces(small):
+    engine, embed = small
+    if engine.native is None or bench.cpu.backend() == "torch":
+        pytest.skip("the profile times the compiled decoder, which is not built here")
+    native, head = engine.native, bench.Head.from_float(embed, "int8")
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    ms = bench.profile_decode(engine, head, prompt, 4)
+    assert {"norms", "quantize", "gemv", "attention", "rope_cache", "glu", "residual", "head"} <= set(ms)
+    assert ms["gemv"] > 0 and ms["attention"] > 0 and ms["head"] > 0
+    assert min(ms.values()) >= 0
+    # The engine is as it was: its own decoder and head, the timers off and reset.
+    assert engine.native is native and engine.weights.head is head
+    assert native.profile()["steps"] == 0
+    table = bench.format_profile({"int8": ms}, bench.layer_bytes(engine), {"int8": head.nbytes}, 10.0)
+    assert "| gemv |" in table and "| head streams |" in table

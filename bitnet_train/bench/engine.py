@@ -6,9 +6,11 @@ embedding) and random ternary weights packed directly in memory, so no 2B4T trai
 the kernels' speed does not depend on the code values.
 
 Decode is memory-bound, so beside tokens/s the table gives the bytes each token reads (every
-packed weight, the head, and the KV cache the step attends over), the bandwidth that implies, and the read bandwidth of this machine
-measured after every round of the same run: the ratio, paired by round, is what to compare across
-loaded and idle runs. The head is
+packed weight, the head, and the KV cache the step attends over), the bandwidth that implies, and its
+share of this machine's read bandwidth, probed between every two generations of the run: each
+generation is set against the mean of the probes just before and after it, so the share is what to
+compare across loaded and idle runs (this VM's read bandwidth moved between 13 and 22 GB/s from one
+probe to the next, a second apart). The head is
 timed in each storage type (`head_dtype`), with the logit error and greedy agreement it gives
 against the fp32 head.
 
@@ -117,6 +119,7 @@ class Generation:
     decode_s: float
     first_logits: torch.Tensor | None  # the prompt's last-position logits (ours only)
     tokens: list[int]
+    read_gbs: float = float("nan")  # the read bandwidth around it: the mean of the probes just before and after
 
 
 def run_ours(engine: Engine, head: Head, prompt: torch.Tensor, decode: int) -> Generation:
@@ -141,6 +144,7 @@ class Runner:
     head_ms: float = float("nan")  # the head alone, one token (ours only)
     logits_rel_error: float = float("nan")  # max |logits - fp32-head logits| / max |fp32-head logits|
     greedy_agreement: float = float("nan")  # decode steps equal to the fp32 head's, up to the first difference
+    head_weights: Head | None = None  # ours: the head it runs (bench engine --profile times it)
     runs: list[Generation] = field(default_factory=list)
 
     @property
@@ -180,8 +184,69 @@ def our_runners(engine: Engine, embed: torch.Tensor, heads: list[str], prompt: t
             head_ms=time_head(head, engine.config.hidden_size),
             logits_rel_error=float((check.first_logits - ref).abs().max() / ref.abs().max()),
             greedy_agreement=same / decode,
+            head_weights=head,
         ))
     return runners
+
+
+class _Timed:
+    """Calls `fn` and adds the seconds each call took to `seconds`."""
+
+    def __init__(self, fn: Callable, seconds: list[float]):
+        self.fn, self.seconds = fn, seconds
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        out = self.fn(*args)
+        self.seconds.append(time.perf_counter() - t0)
+        return out
+
+
+def profile_decode(engine: Engine, head: Head, prompt: torch.Tensor, decode: int) -> dict[str, float]:
+    """Where a decode step's time goes, ms per step: the compiled decoder's pieces (its own timers), what
+    of the decoder call they do not cover (thread-pool syncs, the binding), the head, and the rest of
+    the step (Python, the embedding row, sampling)."""
+    native = engine.native
+    decoder_s, head_s = [], []
+    engine.weights.head = _Timed(head, head_s)
+    engine.native = SimpleNamespace(forward=_Timed(native.forward, decoder_s))
+    try:
+        cache = engine.new_cache(1, prompt.shape[1] + decode)
+        logits = engine.forward(prompt, cache, logits_to_keep=1)
+        decoder_s.clear(), head_s.clear()
+        native.set_profiling(True)
+        t0 = time.perf_counter()
+        for _ in range(decode):
+            logits = engine.forward(torch.tensor([[next_token(logits[0, -1], Sampling(), None)]]), cache)
+        step_s = time.perf_counter() - t0
+        pieces = native.profile()
+    finally:
+        native.set_profiling(False)
+        engine.native, engine.weights.head = native, head
+    ms = {name: 1e3 * seconds / decode for name, seconds in pieces.items() if name != "steps"}
+    ms["decoder: syncs and binding"] = 1e3 * sum(decoder_s) / decode - sum(ms.values())
+    ms["head"] = 1e3 * sum(head_s) / decode
+    ms["outside: Python, embedding, sampling"] = 1e3 * (step_s - sum(decoder_s) - sum(head_s)) / decode
+    return ms
+
+
+def format_profile(profiles: dict[str, dict[str, float]], layers: int, head_bytes: dict[str, int],
+                   bandwidth: float) -> str:
+    """The profiles of our heads side by side; GB/s (and % of the read bandwidth) for the two streams."""
+    heads = list(profiles)
+    lines = [f"Where a decode step goes, ms per token (read bandwidth {bandwidth:.1f} GB/s):", "",
+             "| piece | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    for piece in profiles[heads[0]]:
+        lines.append(f"| {piece} | " + " | ".join(f"{profiles[h][piece]:.2f}" for h in heads) + " |")
+    lines.append("| **step** | " + " | ".join(f"**{sum(profiles[h].values()):.2f}**" for h in heads) + " |")
+
+    def rate(nbytes: int, ms: float) -> str:
+        gbs = nbytes / ms / 1e6
+        return f"{gbs:.1f} GB/s ({100 * gbs / bandwidth:.0f}%)"
+
+    lines.append("| GEMVs stream | " + " | ".join(rate(layers, profiles[h]["gemv"]) for h in heads) + " |")
+    lines.append("| head streams | " + " | ".join(rate(head_bytes[h], profiles[h]["head"]) for h in heads) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- llama.cpp on the same weights
@@ -299,16 +364,19 @@ def llama_runners(engine: Engine, embed: torch.Tensor, heads: list[str], workdir
 
 def run_rounds(runners: list[Runner], prompt: torch.Tensor, decode: int, rounds: int,
                bandwidth: Callable[[], float] | None = None) -> list[float]:
-    """One warm-up each, then `rounds` rounds of one generation per runner, the order rotated each round;
-    with `bandwidth`, the read bandwidth measured after each round (one value per round)."""
+    """One warm-up each, then `rounds` rounds of one generation per runner, the order rotated each round.
+    With `bandwidth`, the read bandwidth is probed before the first generation and after each one, and
+    each generation's `read_gbs` is the mean of its two probes; returns every probe."""
     for r in runners:
         r.generate(prompt, decode)
-    measured = []
+    measured = [bandwidth()] if bandwidth is not None else []
     for k in range(rounds):
         for r in runners[k % len(runners):] + runners[:k % len(runners)]:
-            r.runs.append(r.generate(prompt, decode))
-        if bandwidth is not None:
-            measured.append(bandwidth())
+            generation = r.generate(prompt, decode)
+            if bandwidth is not None:
+                measured.append(bandwidth())
+                generation.read_gbs = (measured[-2] + measured[-1]) / 2
+            r.runs.append(generation)
     return measured
 
 
@@ -320,14 +388,15 @@ def spread(values: list[float], fmt: str = ".1f") -> str:
 
 def format_table(runners: list[Runner], threads: int, bandwidth: list[float], prompt: int, decode: int,
                  load: tuple[float, ...], load_after: tuple[float, ...] | None = None) -> str:
-    """bandwidth: the read bandwidth measured after each round; a runner's % of it is paired by round."""
+    """bandwidth: every probe of the read bandwidth; a generation's % is of its own (Generation.read_gbs)."""
     after = f", {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f} at the end" if load_after else ""
     lines = [
         f"CPU: {cpu_model()}, {threads} threads, kernels {cpu.backend()}; load average "
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at the start{after}; read bandwidth "
-        f"measured after each round: {spread(bandwidth)} GB/s.",
+        f"probed between generations: {spread(bandwidth)} GB/s.",
         f"2B4T shape, random ternary weights; prefill {prompt} tokens, then {decode} greedy decode steps; "
-        f"{len(runners[0].runs)} interleaved rounds: median (min-max); % of read BW paired by round; bytes/token: "
+        f"{len(runners[0].runs)} interleaved rounds: median (min-max); % of read BW: of the probes on either side "
+        "of each generation; bytes/token: "
         "weights, head and the KV cache a decode step reads (ours float32, llama.cpp f16).",
         "",
         "| engine | head | prefill tok/s | decode tok/s | head alone (ms/token) | bytes/token (GB) | decode GB/s | "
@@ -337,7 +406,7 @@ def format_table(runners: list[Runner], threads: int, bandwidth: list[float], pr
     for r in runners:
         tok_s = statistics.median(r.decode_tok_s(decode))
         achieved = r.bytes_per_token * tok_s / 1e9
-        share = [100 * r.bytes_per_token * t / 1e9 / gbs for t, gbs in zip(r.decode_tok_s(decode), bandwidth)]
+        share = [100 * r.bytes_per_token * t / 1e9 / g.read_gbs for t, g in zip(r.decode_tok_s(decode), r.runs)]
         ours = r.engine == "ours"
         lines.append(
             f"| {r.engine} | {r.head} | {spread(r.prefill_tok_s(prompt))} | {spread(r.decode_tok_s(decode), '.2f')} | "
@@ -367,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline", choices=["llama.cpp"], help="also time llama.cpp on the same weights")
     p.add_argument("--llama-heads", default=",".join(LLAMA_HEADS), help="llama.cpp head types (f16, q6_k)")
     p.add_argument("--layers", type=int, default=None, help="fewer layers, for a quick look")
+    p.add_argument("--profile", action="store_true",
+                   help="after the rounds, time the pieces of our decode steps (the compiled decoder's timers)")
     args = p.parse_args(argv or [])
     heads = [h.strip() for h in args.heads.split(",")]
     llama_heads = [h.strip() for h in args.llama_heads.split(",")]
@@ -385,6 +456,14 @@ def main(argv: list[str] | None = None) -> None:
             runners += llama_runners(engine, embed, llama_heads, Path(workdir), args.prompt, args.decode, args.threads)
         bandwidth = run_rounds(runners, prompt, args.decode, args.rounds, bandwidth=lambda: read_gbs(reps=3))
     print(format_table(runners, args.threads, bandwidth, args.prompt, args.decode, load, os.getloadavg()))
+    if args.profile:
+        if engine.native is None or cpu.backend() == "torch":
+            raise SystemExit("--profile times the compiled decoder: build the extension (see the README)")
+        heads_used = {r.head: r.head_weights for r in runners if r.engine == "ours"}
+        profiles = {name: profile_decode(engine, head, prompt, args.decode) for name, head in heads_used.items()}
+        print()
+        print(format_profile(profiles, layer_bytes(engine), {n: h.nbytes for n, h in heads_used.items()},
+                             read_gbs(reps=3)))
 
 
 if __name__ == "__main__":
